@@ -1,0 +1,218 @@
+"""Load any causal LM once, the same way whatever it is.
+
+``steering.load`` takes a local Hugging Face folder or a hub name (the same ``from_pretrained``
+path: users with a hub just name the model), an already-loaded ``PreTrainedModel`` with its
+tokenizer, or a TransformerLens ``TransformerBridge``. Weights load from safetensors only, and
+``trust_remote_code`` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .arch import ArchSpec, ModelMap, resolve_spec
+
+_MARK = "\u2063STEERINGMARK\u2063"
+
+
+def _is_bridge(obj: Any) -> bool:
+    return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "original_model")
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded causal LM with its tokenizer and its architecture map.
+
+    ``hf`` is the Hugging Face module that runs (for a bridge, the bridge's ``original_model``,
+    whose forward goes through the bridge's components). ``source`` is what it was loaded from.
+    """
+
+    hf: nn.Module
+    tokenizer: Any = None
+    arch: dict[str, Any] | ArchSpec | None = None
+    source: str = ""
+    bridge: Any = None
+    map: ModelMap = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.map = ModelMap(self.hf, resolve_spec(self.hf, self.arch))
+        if self.tokenizer is not None and self.tokenizer.pad_token is None:
+            # Padding is masked everywhere, so any token will do; eos is the common choice.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+    # --- shape -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.map.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.map.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.map.module("embed").weight.device if self.map.spec.embed else next(self.hf.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return self.source or str(getattr(self.hf.config, "_name_or_path", "")) or type(self.hf).__name__
+
+    def hooks(self, hooks: Any):
+        """Context manager running this model with ``hooks`` attached (see :func:`steering.hooks.attach`)."""
+        from .hooks import attach
+        return attach(self, hooks)
+
+    # --- text ------------------------------------------------------------------------------
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name}: no tokenizer; pass one to steering.load(model, tokenizer)")
+        return self.tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format(self, prompts: Iterable[str], chat: bool | None = None, system: str | None = None) -> list[str]:
+        """Prompts as the model sees them: through the tokenizer's chat template when it has one
+        (``chat=None``), always (``True``, an error without a template) or never (``False``)."""
+        prompts = list(prompts)
+        use = self.has_chat_template if chat is None else chat
+        if not use:
+            return prompts
+        tok = self._tok()
+        if not self.has_chat_template:
+            raise ValueError(f"{self.name}: chat=True but the tokenizer has no chat_template")
+        out = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        return out
+
+    @cached_property
+    def post_instruction_len(self) -> int:
+        """How many tokens the chat template puts after the user's message (at least 1)."""
+        if not self.has_chat_template:
+            return 1
+        text = self.format([_MARK], chat=True)[0]
+        suffix = text.split(_MARK)[-1]
+        return max(1, len(self._tok()(suffix, add_special_tokens=False)["input_ids"]))
+
+    @cached_property
+    def _forward_args(self) -> set[str]:
+        return set(inspect.signature(self.hf.forward).parameters)
+
+    def encode(self, texts: Sequence[str], padding_side: str = "left") -> dict[str, Tensor]:
+        """Tokenise already-formatted texts as one padded batch, with position ids that skip padding."""
+        tok = self._tok()
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        old, tok.padding_side = tok.padding_side, padding_side
+        try:
+            # Chat templates already put the BOS token in; don't add a second one.
+            batch = tok(list(texts), return_tensors="pt", padding=True,
+                        add_special_tokens=not self.has_chat_template)
+        finally:
+            tok.padding_side = old
+        out = {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+        if "position_ids" in self._forward_args:
+            out["position_ids"] = (out["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return out
+
+    @torch.inference_mode()
+    def forward(self, texts: Sequence[str], padding_side: str = "left") -> Tensor:
+        """Logits ``[batch, seq, vocab]`` for already-formatted texts."""
+        return self.hf(**self.encode(texts, padding_side), use_cache=False).logits
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
+                 chat: bool | None = None, progress: bool = False, **gen_kwargs: Any) -> list[str]:
+        """Greedy (unless told otherwise) completions of ``prompts``, decoded without the prompt."""
+        from tqdm.auto import tqdm
+
+        texts = self.format(prompts, chat=chat)
+        tok = self._tok()
+        gen_kwargs.setdefault("do_sample", False)
+        out: list[str] = []
+        for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
+            batch = self.encode(texts[start:start + batch_size], padding_side="left")
+            batch.pop("position_ids", None)  # generate derives them from the mask
+            ids = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **gen_kwargs)
+            out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        return out
+
+
+def _check_local(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder (a local model must be a Hugging Face folder)")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
+        raise FileNotFoundError(f"{path}: no .safetensors weights (steering loads weights only from safetensors)")
+
+
+def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec | None = None,
+         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+         device_map: Any = None, trust_remote_code: bool = False, revision: str | None = None,
+         **from_pretrained_kwargs: Any) -> Model:
+    """Load or wrap a causal LM.
+
+    - ``load("path/to/folder")`` or ``load("meta-llama/Llama-3.1-8B-Instruct")``: ``from_pretrained``
+      for model and tokenizer (safetensors only; ``device_map="auto"`` places a big model with accelerate);
+    - ``load(hf_model, tokenizer)``: a model you already have;
+    - ``load(bridge)``: a TransformerLens ``TransformerBridge`` (its tokenizer is used).
+
+    ``arch`` overrides or completes the architecture map (see ``steering/architectures.json``).
+    Other keyword arguments (``offload_folder``, ``attn_implementation``, ...) go to ``from_pretrained``.
+    """
+    if from_pretrained_kwargs.get("use_safetensors") is False:
+        raise ValueError("load: use_safetensors=False is refused; steering loads weights only from safetensors")
+    if isinstance(model, Model):
+        if arch is not None or tokenizer is not None:
+            return Model(model.hf, tokenizer or model.tokenizer, arch or model.arch, model.source, model.bridge)
+        return model
+    if _is_bridge(model):
+        hf = model.original_model
+        return Model(hf, tokenizer or getattr(model, "tokenizer", None), arch,
+                     str(getattr(hf.config, "_name_or_path", "")), bridge=model)
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "config"):
+            raise TypeError(f"load: {type(model).__name__} is not a Hugging Face model (no .config)")
+        return Model(model, tokenizer, arch, str(getattr(model.config, "_name_or_path", "")))
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"load: expected a path, hub name, PreTrainedModel or TransformerBridge, got {type(model).__name__}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = os.fspath(model)
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")):
+        _check_local(local)
+        name = str(local)
+    kwargs: dict[str, Any] = {**from_pretrained_kwargs, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    hf = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if device is not None and device_map is None:
+        hf = hf.to(device)
+    hf.eval()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                  **({"revision": revision} if revision else {}))
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
+    return Model(hf, tokenizer, arch, name)
+
+
+def as_model(obj: Any) -> Model:
+    return obj if isinstance(obj, Model) else load(obj)

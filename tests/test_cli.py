@@ -1,0 +1,48 @@
+"""The steering command, as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+import steering as st
+from steering.cli import main
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "steering.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("info", "datasets", "record", "main"):
+        assert cmd in out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    m = st.testing.tiny_model("gpt2")
+    m.hf.save_pretrained(path)
+    m.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_info_and_record(folder, tmp_path, capsys):
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2" in out and "in_out" in out and "transformer.wpe" in out
+    assert main(["record", str(folder), "--prompts", "harmful:val", "--limit", "8", "--sites", "resid_pre,mlp_out",
+                 "--out", str(tmp_path / "r.safetensors")]) == 0
+    assert (tmp_path / "r.safetensors").exists()
+
+
+def test_errors_are_one_line(folder, tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing" in err
+    assert main(["record", str(folder), "--prompts", "harmfull", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "harmfull" in err and err.count("\n") == 0
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_main_quick(tmp_path):
+    assert main(["main", "--out", str(tmp_path / "run"), "--quick"]) == 0
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# steering main job")
