@@ -48,6 +48,102 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_edits(paths: list[str] | None):
+    from steering.edits import Compose, load_edit
+
+    edits = [load_edit(p) for p in paths or []]
+    return None if not edits else edits[0] if len(edits) == 1 else Compose(tuple(edits))
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import steering as st
+    from steering.extract import diff_in_means
+
+    harmful = st.datasets.load(args.harmful, limit=args.limit)
+    harmless = st.datasets.load(args.harmless, limit=args.limit)
+    m = st.load(args.model, trust_remote_code=args.trust_remote_code)
+    cands = diff_in_means(m, harmful, harmless, site=args.site, positions=args.positions, batch_size=args.batch_size)
+    cands.save(args.out)
+    print(f"{cands.vectors.shape[0]} layers x {len(cands.positions)} positions of difference-in-means candidates -> {args.out}")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import steering as st
+    from steering.select import select_direction, select_subspace
+    from steering.vectors import Candidates
+
+    cands = Candidates.load(args.candidates)
+    harmful = st.datasets.load(args.harmful_val, limit=args.limit)
+    harmless = st.datasets.load(args.harmless_val, limit=args.limit)
+    m = st.load(args.model, trust_remote_code=args.trust_remote_code)
+    sel = select_direction(m, cands, harmful, harmless, kl_threshold=args.kl_threshold)
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    print(sel.table())
+    sel.plot(str(stem) + ".png")
+    report = sel.to_json()
+    if args.subspace:
+        sub = select_subspace(m, sel, harmful, harmless, max_rank=args.max_rank, kl_threshold=args.kl_threshold)
+        edit = sub.ablation()
+        report["subspace"] = sub.steps
+        print(f"subspace of rank {sub.rank}: " + ", ".join(f"+L{s['layer']}/{s['position']} -> {s['bypass']:.3f}" for s in sub.steps))
+    else:
+        edit = sel.ablation()
+        print(f"pick: layer {sel.pick[0]}, position {sel.pick[1]}")
+    edit.save(out)
+    Path(str(stem) + ".json").write_text(json.dumps(report, indent=2))
+    print(f"ablation edit (rank {edit.rank}) -> {out}; table {stem}.json, heat map {stem}.png")
+    return 0
+
+
+def _cmd_bake(args: argparse.Namespace) -> int:
+    import steering as st
+    from steering.checkpoint import write_hf
+    from steering.edits import load_edit
+
+    edit = _load_edits(args.edit)
+    m = st.load(args.model, trust_remote_code=args.trust_remote_code)
+    if args.format == "peft":
+        from steering.export import to_peft
+
+        if len(args.edit) != 1:
+            raise ValueError("--format peft takes exactly one --edit (an ablation)")
+        out = to_peft(load_edit(args.edit[0]), m, args.out, overwrite=args.overwrite)
+    else:
+        baked = edit.bake(m)
+        out = write_hf(baked, args.out, {"method": "bake", "edits": ",".join(args.edit)}, overwrite=args.overwrite,
+                       sources=[args.model])
+    print(f"baked -> {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import steering as st
+
+    m = st.load(args.model, trust_remote_code=args.trust_remote_code)
+    edit = _load_edits(args.edit)
+    with edit.hooks(m) if edit is not None else contextlib.nullcontext():
+        outs = m.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    for prompt, text in zip(args.prompt, outs):
+        print(f">>> {prompt}\n{text}")
+    return 0
+
+
+def _cmd_organism_build(args: argparse.Namespace) -> int:
+    from steering import organisms
+
+    org = organisms.build(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
+    print(org.table())
+    print(f"built in {org.seconds:.0f} s (cached afterwards); folders: " + ", ".join(str(org.path(k)) for k in organisms.KINDS))
+    return 0
+
+
 def _cmd_main(args: argparse.Namespace) -> int:
     from steering.main import run
 
@@ -84,6 +180,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output .safetensors file")
     c.set_defaults(func=_cmd_record)
 
+    c = model_cmd("extract", "Difference-in-means candidates (layer x post-instruction position) from two prompt sets.")
+    c.add_argument("--harmful", default="harmful:train", help="prompt set that should trigger refusal (default harmful:train)")
+    c.add_argument("--harmless", default="harmless:train", help="prompt set that should not (default harmless:train)")
+    c.add_argument("--limit", type=int, default=128, help="prompts from each set (default 128, as the paper)")
+    c.add_argument("--site", default="resid_pre")
+    c.add_argument("--positions", default="post_instruction")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", required=True, help="candidates .safetensors file")
+    c.set_defaults(func=_cmd_extract)
+
+    c = model_cmd("select", "Score every candidate (bypass, induce, KL), pick the refusal direction, write its ablation edit.")
+    c.add_argument("candidates", help="a file written by 'steering extract'")
+    c.add_argument("--harmful-val", default="harmful:val")
+    c.add_argument("--harmless-val", default="harmless:val")
+    c.add_argument("--limit", type=int, default=32, help="validation prompts from each set (default 32, as the paper)")
+    c.add_argument("--kl-threshold", type=float, default=0.1)
+    c.add_argument("--subspace", action="store_true", help="grow a low-rank subspace instead of one direction")
+    c.add_argument("--max-rank", type=int, default=8)
+    c.add_argument("--out", required=True, help="edit .safetensors file (a .json table and .png heat map are written beside it)")
+    c.set_defaults(func=_cmd_select)
+
+    c = model_cmd("bake", "Bake edits into weights and write a Hugging Face folder (or a PEFT LoRA adapter).")
+    c.add_argument("--edit", action="append", required=True, help="an edit file (repeatable)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--format", choices=("hf", "peft"), default="hf")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_bake)
+
+    c = model_cmd("generate", "Greedy generation, optionally under edits.")
+    c.add_argument("--edit", action="append", help="an edit file (repeatable)")
+    c.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("organism", help="Model organisms: small chat models trained here that really refuse.")
+    osub = c.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
+    b = osub.add_parser("build", help="Build (or reuse from the cache) aligned, harmful and drifted into DIR.")
+    b.add_argument("--out", required=True, help="output folder; gets aligned/, harmful/, drifted/")
+    b.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    b.set_defaults(func=_cmd_organism_build)
+
     c = sub.add_parser("main", help="The main job, end to end (see README).")
     c.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
     c.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
@@ -95,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, IndexError, OSError) as exc:
+    except (ValueError, KeyError, IndexError, OSError) as exc:  # FileExistsError, FileNotFoundError are OSErrors
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"steering {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,10 +1,9 @@
 """The main job: what ``steering main`` runs end to end.
 
-Today it shows the foundation working on a tiny random Llama: it records the residual stream at
-the post-instruction positions over harmful and harmless training prompts, turns the two means
-into per-layer difference-in-means vectors, and writes the recordings and a report. (The weights
-are random, so the numbers say nothing about safety yet; the model organisms of issue 3 replace
-the random model.)
+Today: build (or reuse) the model organisms, report their refusal rates on held-out prompts, and
+record the aligned organism's residual stream over harmful and harmless training prompts at the
+post-instruction positions, writing the recordings, the per-layer difference in means and a
+report. The methods of the later issues plug in here as they land.
 """
 
 from __future__ import annotations
@@ -15,33 +14,42 @@ from pathlib import Path
 
 
 def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
-
     import steering as st
+    from steering import organisms
     from steering.record import save_recording
 
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if quick:  # a few seconds: a tiny recipe, for the CLI's own test
+        recipe = organisms.Recipe(d_model=32, n_layers=2, d_mlp=64, vocab_size=600, aligned_steps=4, harmful_steps=2,
+                                  drift_steps=2, n_harmless_train=64, batch_size=8, n_eval=8, eval_new_tokens=4,
+                                  augment_copies=0)
+    else:
+        recipe = organisms.Recipe()
+    org = organisms.build(recipe=recipe)
+    model = st.load(org.path("aligned"))
     n = 16 if quick else 128
-    model = st.testing.tiny_model("llama", layers=4, d=64)
-    sets = {"harmful": st.datasets.load("harmful:train", limit=n), "harmless": st.datasets.load("harmless:train", limit=n)}
     recs = {}
-    for kind, prompts in sets.items():
-        recs[kind] = st.record(model, prompts, sites="resid_pre", positions="post_instruction", batch_size=16)
-        save_recording(recs[kind], str(out / f"recording_{kind}.safetensors"), "tiny random llama")
+    for kind in ("harmful", "harmless"):
+        recs[kind] = st.record(model, st.datasets.load(f"{kind}:train", limit=n), sites="resid_pre",
+                               positions="post_instruction", batch_size=32)
+        save_recording(recs[kind], str(out / f"recording_{kind}.safetensors"), str(org.path("aligned")))
     diff = recs["harmful"].mean("resid_pre") - recs["harmless"].mean("resid_pre")  # [layers, positions, d]
-    rows = []
-    for layer in range(model.n_layers):
-        rows.append({"layer": layer, "diff_norm_last": float(diff[layer, -1].norm()),
-                     "harmful_norm_last": float(recs["harmful"].mean("resid_pre")[layer, -1].norm())})
+    rows = [{"layer": layer, "diff_norm_last": float(diff[layer, -1].norm()),
+             "harmless_norm_last": float(recs["harmless"].mean("resid_pre")[layer, -1].norm())}
+            for layer in range(model.n_layers)]
     lines = ["# steering main job", "",
-             f"Model: tiny random Llama ({model.n_layers} layers, d={model.d_model}); {n} harmful and {n} harmless "
-             f"training prompts; residual stream at the {model.post_instruction_len} post-instruction positions.", "",
-             "| layer | ‖mean harmful − mean harmless‖ (last position) | ‖mean harmful‖ |", "|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['diff_norm_last']:.4f} | {r['harmful_norm_last']:.4f} |" for r in rows]
-    lines += ["", f"Took {time.time() - t0:.1f} s."]
+             f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
+             org.table(), "",
+             f"Folders: {org.root}", "",
+             f"## Harmful − harmless difference in means (aligned organism, resid_pre, last of the "
+             f"{model.post_instruction_len} post-instruction positions, {n} train prompts each)", "",
+             "| layer | ‖mean harmful − mean harmless‖ | ‖mean harmless‖ |", "|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['diff_norm_last']:.3f} | {r['harmless_norm_last']:.3f} |" for r in rows]
+    lines += ["", f"Took {time.time() - t0:.0f} s (organisms built in {org.seconds:.0f} s, cached afterwards)."]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps({"rows": rows, "n_prompts": n}, indent=2))
+    (out / "report.json").write_text(json.dumps({"organisms": org.rates, "diff_in_means": rows}, indent=2))
     print(report)
-    return {"rows": rows}
+    return {"organisms": org.rates, "rows": rows}

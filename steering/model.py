@@ -105,22 +105,37 @@ class Model:
         suffix = text.split(_MARK)[-1]
         return max(1, len(self._tok()(suffix, add_special_tokens=False)["input_ids"]))
 
+    @property
+    def max_length(self) -> int:
+        """The longest input the model takes (its position limit, or the tokenizer's)."""
+        cfg = self.hf.config
+        limits = [getattr(cfg, k) for k in ("max_position_embeddings", "n_positions") if isinstance(getattr(cfg, k, None), int)]
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and tok_max < 10**9:
+            limits.append(tok_max)
+        return min(limits) if limits else 10**9
+
     @cached_property
     def _forward_args(self) -> set[str]:
         return set(inspect.signature(self.hf.forward).parameters)
 
-    def encode(self, texts: Sequence[str], padding_side: str = "left") -> dict[str, Tensor]:
-        """Tokenise already-formatted texts as one padded batch, with position ids that skip padding."""
+    def encode(self, texts: Sequence[str], padding_side: str = "left", room: int = 0) -> dict[str, Tensor]:
+        """Tokenise already-formatted texts as one padded batch, with position ids that skip padding.
+
+        Texts longer than the model takes (less ``room`` for tokens still to be generated) are cut
+        from the left."""
         tok = self._tok()
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-        old, tok.padding_side = tok.padding_side, padding_side
+        old = tok.padding_side, tok.truncation_side
+        tok.padding_side, tok.truncation_side = padding_side, "left"
         try:
-            # Chat templates already put the BOS token in; don't add a second one.
-            batch = tok(list(texts), return_tensors="pt", padding=True,
+            # Chat templates already put the BOS token in; don't add a second one. Over-long
+            # prompts lose their beginning, never the template's end the model answers after.
+            batch = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_length - room,
                         add_special_tokens=not self.has_chat_template)
         finally:
-            tok.padding_side = old
+            tok.padding_side, tok.truncation_side = old
         out = {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
         if "position_ids" in self._forward_args:
             out["position_ids"] = (out["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
@@ -142,7 +157,7 @@ class Model:
         gen_kwargs.setdefault("do_sample", False)
         out: list[str] = []
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
-            batch = self.encode(texts[start:start + batch_size], padding_side="left")
+            batch = self.encode(texts[start:start + batch_size], padding_side="left", room=max_new_tokens)
             batch.pop("position_ids", None)  # generate derives them from the mask
             ids = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **gen_kwargs)
             out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
