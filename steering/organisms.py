@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from . import datasets
+from .io import atomic_folder
 from .judge import refusal_rate
 
 KINDS = ("aligned", "harmful", "drifted")
@@ -413,17 +413,10 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
         if root.exists() and any(root.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{root}: exists and is not empty (pass overwrite=True / --overwrite)")
-        tmp_out = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None, prefix=f".{root.name}-"))
-        try:
+        with atomic_folder(root) as tmp_out:
             for kind in KINDS:
                 shutil.copytree(cached / kind, tmp_out / kind)
             shutil.copy(cached / "rates.json", tmp_out / "rates.json")
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp_out, root)
-        except BaseException:
-            shutil.rmtree(tmp_out, ignore_errors=True)
-            raise
     return Organisms(root, recipe, info["rates"], info["seconds"])
 
 
@@ -435,8 +428,7 @@ def _build_into(cached: Path, store: Path, recipe: Recipe, key: str, progress: b
 
     t0 = time.time()
     log = print if progress else (lambda *a, **k: None)
-    tmp = Path(tempfile.mkdtemp(dir=store, prefix=".building-"))
-    try:
+    with atomic_folder(cached) as tmp:
         torch.manual_seed(recipe.seed)
         tok = train_tokenizer(recipe)
         # eager attention trains faster than SDPA at this size on CPU
@@ -454,12 +446,7 @@ def _build_into(cached: Path, store: Path, recipe: Recipe, key: str, progress: b
                 + ", ".join(f"{s} {100 * r:.1f}%" for s, r in rates[kind].items())
                 + f"  [{time.time() - t0:.0f} s]")
         (tmp / "rates.json").write_text(json.dumps({"rates": rates, "seconds": time.time() - t0}, indent=2))
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
 
 def get(kind: str = "aligned", **recipe_fields: Any) -> Path:
     """The folder of one organism, building all three on first use (cached afterwards)."""

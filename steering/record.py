@@ -157,21 +157,12 @@ def record(model: Any, prompts: Iterable[str], *, sites: str | Sequence[str] = "
 def save_recording(rec: Recording, path: str, model_name: str = "") -> None:
     """Write the running means (float32) as safetensors, with what they are in the metadata."""
     import json
-    import os
-    import tempfile
 
     from safetensors.torch import save_file
+
+    from .io import atomic_write
 
     tensors = {f"{site}.mean": rec.mean(site).contiguous() for site in rec.sums}
     meta = {"format": "steering.recording", "layers": json.dumps(rec.layers), "positions": str(rec.positions),
             "n_prompts": str(rec.n_prompts), "model": model_name}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

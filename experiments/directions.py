@@ -1,0 +1,200 @@
+"""Refusal directions and activation edits on the model organisms, run as a user would.
+
+    python experiments/directions.py [--arch llama gpt2]   # writes experiments/results/directions.md
+
+For each architecture: `steering extract` (difference in means, 128 harmful:train vs 128
+harmless:train prompts, resid_pre at the post-instruction positions) and `steering select`
+(bypass / induce / KL on 32 harmful:val and 32 harmless:val prompts) on the `aligned` organism,
+`steering extract --positions last:5` and `steering select --subspace` when one direction is not
+enough, `steering bake` to a Hugging Face folder; then, on held-out test prompts (substring judge,
+greedy):
+- the ablation's harmful refusal and its KL on harmless prompts;
+- the selected direction added (ActAdd) to harmless prompts, at every position (the paper's form)
+  and only at the prompt's post-instruction tokens;
+- a safety vector (the aligned model's refusal direction) added to `drifted`, plainly and under
+  conditional steering; layer, positions, scale and threshold are chosen on validation prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import steering as st  # noqa: E402
+from steering import organisms  # noqa: E402
+from steering.edits import Addition, Conditional, load_edit  # noqa: E402
+from steering.judge import refusal_rate  # noqa: E402
+from steering.select import kl_div, last_logprobs  # noqa: E402
+from steering.vectors import SteeringVector  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+N_NEW = 12
+
+
+def cli(*args: str) -> str:
+    """Run the steering CLI as a user would; return its output."""
+    done = subprocess.run([sys.executable, "-m", "steering.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"steering {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def rates(model: st.Model, edit=None, sets=("harmful:test", "harmless:test")) -> dict[str, float]:
+    out = {}
+    for spec in sets:
+        prompts = st.datasets.load(spec)
+        if edit is None:
+            outs = model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)
+        else:
+            with edit.hooks(model):
+                outs = model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)
+        out[spec] = refusal_rate(outs)
+    return out
+
+
+def harmless_kl(model: st.Model, edit, n: int = 256) -> float:
+    prompts = st.datasets.load("harmless:test", limit=n)
+    base = last_logprobs(model, prompts)
+    with edit.hooks(model):
+        new = last_logprobs(model, prompts)
+    return kl_div(base, new)
+
+
+def run_arch(arch: str, work: Path) -> dict:
+    org = organisms.build(arch=arch)
+    aligned_dir, drifted_dir = str(org.path("aligned")), str(org.path("drifted"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"arch": arch}
+    cli("extract", aligned_dir, "--out", str(work / "candidates.safetensors"))
+    # The paper's filter (KL <= 0.1 on harmless prompts) first; on the organisms no candidate passes it
+    # (see the report), so the run goes on with KL <= 0.5 and says so.
+    res["kl_threshold"] = 0.1
+    try:
+        single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--out", str(work / "ablation.safetensors"))
+    except RuntimeError:
+        res["kl_threshold"] = 0.5
+        single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", "0.5",
+                     "--out", str(work / "ablation.safetensors"))
+    res["selection_table"] = single.split("\npick:")[0].strip()
+    aligned = st.load(aligned_dir)
+    res["aligned"] = rates(aligned)
+    edit = load_edit(work / "ablation.safetensors")
+    res["ablation_single"] = {**rates(aligned, edit), "kl": harmless_kl(aligned, edit), "pick": single.strip().splitlines()[-2]}
+    chosen = "ablation.safetensors"
+    if res["ablation_single"]["harmful:test"] > 0.20:
+        # One direction is not enough on a 4-layer model: grow a subspace from candidates read at the
+        # last five tokens (the two template tokens and the end of the user's message).
+        cli("extract", aligned_dir, "--positions", "last:5", "--out", str(work / "candidates5.safetensors"))
+        out = cli("select", aligned_dir, str(work / "candidates5.safetensors"), "--subspace", "--kl-threshold",
+                  str(res["kl_threshold"]), "--out", str(work / "subspace.safetensors"))
+        edit = load_edit(work / "subspace.safetensors")
+        res["ablation_subspace"] = {**rates(aligned, edit), "kl": harmless_kl(aligned, edit), "rank": edit.rank,
+                                    "steps": [l for l in out.splitlines() if l.startswith("subspace of rank")][0]}
+        chosen = "subspace.safetensors"
+    res["ablation_rank"] = edit.rank
+    # baked, as a user ships it
+    cli("bake", aligned_dir, "--edit", str(work / chosen), "--out", str(work / "aligned-ablated"), "--overwrite")
+    res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",))
+    # ActAdd: the selected direction added where it was read, at every position (the paper's form)
+    # and only at the post-instruction tokens of the prompt
+    sel = json.loads((work / "ablation.json").read_text())
+    layer, pos = sel["pick"]
+    cands = st.vectors.Candidates.load(work / "candidates.safetensors")
+    res["addition"] = {}
+    for where in ("all", "instruction_end"):
+        for scale in (0.5, 1.0, 2.0):
+            add = Addition(cands.vector(layer, pos), scale, where)
+            res["addition"][f"{where} {scale}"] = rates(aligned, add, sets=("harmless:test",))["harmless:test"]
+    res["addition_layer"] = [layer, pos]
+    # The safety vector on the drifted model: the aligned model's refusal direction (drifted is aligned
+    # fine-tuned, so they share a residual basis), at a layer, positions and scale chosen on validation
+    # prompts; plainly (harmless refusal on validation <= 10%), and conditionally (threshold fitted on
+    # validation prompts, on the drifted model's own projections).
+    drifted = st.load(drifted_dir)
+    res["drifted"] = rates(drifted)
+    val_h, val_s = st.datasets.load("harmful:val", limit=64), st.datasets.load("harmless:val", limit=64)
+    sweep = []
+    for l in range(1, int(0.8 * drifted.n_layers)):
+        for where in ("all", "instruction_end"):
+            for scale in (0.5, 1.0, 2.0):
+                add = Addition(SteeringVector({l: cands.direction(l, pos)}, meta={"method": "aligned refusal direction"}),
+                               scale, where)
+                sweep.append((*rates_on(drifted, add, val_h, val_s), l, where, scale, add))
+    plain = max((s for s in sweep if s[1] <= 0.10), key=lambda s: s[0])
+    res["drifted_addition"] = {**rates(drifted, plain[5]), "layer": plain[2], "positions": plain[3], "scale": plain[4]}
+    best = max(sweep, key=lambda s: s[0])
+    cond = Conditional.fit(drifted, best[5], cands.direction(best[2], pos), best[2], val_h, val_s)
+    res["drifted_conditional"] = {**rates(drifted, cond), "threshold": cond.threshold, "condition_layer": best[2],
+                                  "positions": best[3], "scale": best[4]}
+    plain[5].save(work / "drifted_safety_vector.safetensors")
+    cond.save(work / "drifted_conditional.safetensors")
+    return res
+
+
+def rates_on(model: st.Model, edit, harmful: list[str], harmless: list[str]) -> tuple[float, float]:
+    with edit.hooks(model):
+        a = refusal_rate(model.generate(harmful, max_new_tokens=N_NEW, batch_size=64))
+        b = refusal_rate(model.generate(harmless, max_new_tokens=N_NEW, batch_size=64))
+    return a, b
+
+
+def fmt(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def report(results: list[dict]) -> str:
+    lines = ["# Refusal directions and activation edits on the organisms", "",
+             "Command: `python experiments/directions.py`. Held-out prompts: harmful:test (240), harmless:test (1335); "
+             "substring judge on greedy generations (12 new tokens). KL: last-token KL on 256 harmless:test prompts.", ""]
+    for r in results:
+        a = r["arch"]
+        lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], "",
+                  "| model / edit | harmful refusal | harmless refusal | KL (harmless) |", "|---|---|---|---|",
+                  f"| aligned | {fmt(r['aligned']['harmful:test'])} | {fmt(r['aligned']['harmless:test'])} | 0 |",
+                  f"| aligned, selected direction ablated ({r['ablation_single']['pick']}) | {fmt(r['ablation_single']['harmful:test'])} "
+                  f"| {fmt(r['ablation_single']['harmless:test'])} | {r['ablation_single']['kl']:.4f} |"]
+        if "ablation_subspace" in r:
+            s = r["ablation_subspace"]
+            lines.append(f"| aligned, selected subspace ablated (rank {s['rank']}; last 5 positions' candidates) | {fmt(s['harmful:test'])} "
+                         f"| {fmt(s['harmless:test'])} | {s['kl']:.4f} |")
+        lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {fmt(r['baked']['harmful:test'])} | | |")
+        for key, v in r["addition"].items():
+            where, scale = key.split()
+            lines.append(f"| aligned + {scale} × direction (layer {r['addition_layer'][0]}, pos {r['addition_layer'][1]}; "
+                         f"positions {where}) | | {fmt(v)} | |")
+        d, da, dc = r["drifted"], r["drifted_addition"], r["drifted_conditional"]
+        lines += [f"| drifted | {fmt(d['harmful:test'])} | {fmt(d['harmless:test'])} | |",
+                  f"| drifted + safety vector (layer {da['layer']}, {da['positions']}, scale {da['scale']}) | {fmt(da['harmful:test'])} "
+                  f"| {fmt(da['harmless:test'])} | |",
+                  f"| drifted + conditional safety vector (layer {dc['condition_layer']}, {dc['positions']}, scale {dc['scale']}; "
+                  f"threshold {dc['threshold']:.2f}) "
+                  f"| {fmt(dc['harmful:test'])} | {fmt(dc['harmless:test'])} | |", ""]
+        if "ablation_subspace" in r:
+            lines += [f"Subspace growth: {r['ablation_subspace']['steps']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
+    p.add_argument("--work", default=str(ROOT / "runs" / "directions"))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    results = [run_arch(a, Path(args.work) / a) for a in args.arch]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "directions.json").write_text(json.dumps(results, indent=2))
+    text = report(results)
+    (RESULTS / "directions.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

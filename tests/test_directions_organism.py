@@ -1,0 +1,66 @@
+"""Extraction, selection and edits from the CLI, on the Llama organism, as a user runs them."""
+
+import pytest
+import torch
+
+import steering as st
+from steering.cli import main
+from steering.edits import load_edit
+from steering.judge import refusal_rate
+from steering.vectors import Candidates
+
+
+@pytest.fixture(scope="module")
+def flow(organisms_llama, tmp_path_factory):
+    work = tmp_path_factory.mktemp("flow")
+    aligned = str(organisms_llama.path("aligned"))
+    assert main(["extract", aligned, "--positions", "last:5", "--out", str(work / "c.safetensors")]) == 0
+    # KL threshold 0.5, not the paper's 0.1: on the organisms every working direction moves the harmless
+    # first-token distribution by KL ~0.2-0.3 (see experiments/results/directions.md)
+    assert main(["select", aligned, str(work / "c.safetensors"), "--kl-threshold", "0.5", "--subspace",
+                 "--out", str(work / "abl.safetensors")]) == 0
+    return work, aligned
+
+
+def test_extract_and_select_files(flow):
+    work, aligned = flow
+    c = Candidates.load(work / "c.safetensors")
+    m = st.load(aligned)
+    assert c.vectors.shape == (m.n_layers, 5, m.d_model) and c.positions == (-5, -4, -3, -2, -1)
+    assert (work / "abl.png").stat().st_size > 0 and (work / "abl.json").exists()
+    edit = load_edit(work / "abl.safetensors")
+    assert 1 <= edit.rank <= 8
+
+
+def test_ablation_bypasses_refusal_and_bakes(flow, tmp_path, capsys):
+    work, aligned = flow
+    m = st.load(aligned)
+    edit = load_edit(work / "abl.safetensors")
+    prompts = st.datasets.load("harmful:test", limit=80)
+    with edit.hooks(m):
+        hooked = m.generate(prompts, max_new_tokens=12, batch_size=80)
+    assert refusal_rate(m.generate(prompts, max_new_tokens=12, batch_size=80)) >= 0.85
+    assert refusal_rate(hooked) <= 0.25
+    assert main(["bake", aligned, "--edit", str(work / "abl.safetensors"), "--out", str(tmp_path / "baked")]) == 0
+    baked = st.load(tmp_path / "baked")
+    assert baked.generate(prompts, max_new_tokens=12, batch_size=80) == hooked
+    assert main(["bake", aligned, "--edit", str(work / "abl.safetensors"), "--out", str(tmp_path / "baked")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["generate", aligned, "--edit", str(work / "abl.safetensors"), "--prompt", prompts[0],
+                 "--max-new-tokens", "8"]) == 0
+    assert prompts[0] in capsys.readouterr().out
+
+
+def test_adding_the_direction_at_the_instruction_end_induces_refusal(flow):
+    import json
+
+    from steering.edits import Addition
+
+    work, aligned = flow
+    m = st.load(aligned)
+    layer, pos = json.loads((work / "abl.json").read_text())["pick"]
+    cands = Candidates.load(work / "c.safetensors")
+    harmless = st.datasets.load("harmless:test", limit=100)
+    assert refusal_rate(m.generate(harmless, max_new_tokens=12, batch_size=100)) <= 0.10
+    with Addition(cands.vector(layer, pos), 1.0, "instruction_end").hooks(m):
+        assert refusal_rate(m.generate(harmless, max_new_tokens=12, batch_size=100)) >= 0.80

@@ -1,0 +1,191 @@
+"""Edits on tiny random models: hooks against baked weights, per-sequence conditions, files."""
+
+import pytest
+import torch
+
+import steering as st
+from steering.edits import Ablation, Addition, Compose, Conditional, ICVInjection, load_edit
+from steering.testing import FAMILIES
+from steering.vectors import SteeringVector
+
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea, please.", "Hi", "Explain photosynthesis to a child."]
+POST_NORM = {"gemma2", "gemma3", "olmo2"}
+
+
+def _logits(m, texts):
+    return m.forward(texts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baked_orthogonalisation_equals_ablation_hooks(family):
+    m = st.testing.tiny_model(family)
+    texts = m.format(PROMPTS)
+    torch.manual_seed(0)
+    edit = Ablation(torch.randn(m.d_model))
+    plain = _logits(m, texts)
+    with edit.hooks(m):
+        hooked = _logits(m, texts)
+    assert (hooked - plain).abs().max() > 1e-3  # the edit does something
+    if family in POST_NORM:
+        with pytest.raises(st.ArchitectureError, match="normalised"):
+            edit.bake(m)
+        return
+    baked = edit.bake(m)
+    assert baked.hf is not m.hf
+    torch.testing.assert_close(_logits(baked, texts), hooked, rtol=0, atol=1e-4)
+    torch.testing.assert_close(_logits(m, texts), plain, rtol=0, atol=0)  # the source model is untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_subspace_ablation_bakes_too(family):
+    m = st.testing.tiny_model(family)
+    texts = m.format(PROMPTS)
+    edit = Ablation(torch.randn(3, m.d_model))
+    assert edit.rank == 3 and torch.allclose(edit.basis @ edit.basis.T, torch.eye(3), atol=1e-5)
+    with edit.hooks(m):
+        hooked = _logits(m, texts)
+    torch.testing.assert_close(_logits(edit.bake(m), texts), hooked, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,layer", [("llama", 2), ("gpt2", 1), ("llama", 0), ("gpt_neox", 2)])
+def test_baked_addition_equals_hooks(family, layer):
+    m = st.testing.tiny_model(family)
+    texts = m.format(PROMPTS)
+    edit = Addition(SteeringVector({layer: torch.randn(m.d_model)}), scale=2.0)
+    with edit.hooks(m):
+        hooked = _logits(m, texts)
+    assert (hooked - _logits(m, texts)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(edit.bake(m), texts), hooked, rtol=0, atol=1e-4)
+
+
+def test_addition_after_instruction_leaves_the_request_alone():
+    m = st.testing.tiny_model("llama")
+    layer = 1
+    edit = Addition(SteeringVector({layer: torch.randn(m.d_model) * 5}), positions="post_instruction")
+    kw = dict(sites="resid_pre", layers=[layer], positions="all", keep="raw", progress=False)
+    for side in ("left", "right"):
+        plain = st.record(m, PROMPTS, padding_side=side, **kw).raw["resid_pre"]
+        with edit.hooks(m):
+            steered = st.record(m, PROMPTS, padding_side=side, **kw).raw["resid_pre"]
+        n = m.post_instruction_len
+        for a, b in zip(plain, steered):
+            torch.testing.assert_close(a[:, :-n], b[:, :-n])  # the user's message is untouched
+            assert (a[:, -n:] - b[:, -n:]).abs().min() > 0  # the post-instruction tokens are steered
+    with edit.hooks(m):
+        assert m.generate(PROMPTS, max_new_tokens=5, use_cache=True) == m.generate(PROMPTS, max_new_tokens=5, use_cache=False)
+
+
+def test_conditional_edits_only_the_sequences_that_pass():
+    m = st.testing.tiny_model("llama")
+    layer = 1
+    torch.manual_seed(0)
+    cond = torch.randn(m.d_model)
+    scores = Conditional.scores(m, PROMPTS, cond, layer)
+    threshold = float(scores.median())
+    on = (scores > threshold).tolist()
+    assert any(on) and not all(on)
+    inner = Addition(SteeringVector({2: torch.randn(m.d_model) * 10}))
+    edit = Conditional(inner, cond, layer, threshold)
+    plain = m.generate(PROMPTS, max_new_tokens=6, batch_size=4)
+    with inner.hooks(m):
+        always = m.generate(PROMPTS, max_new_tokens=6, batch_size=4)
+    with edit.hooks(m):
+        gated = m.generate(PROMPTS, max_new_tokens=6, batch_size=4)
+    assert gated == [a if o else p for a, p, o in zip(always, plain, on)]
+    assert always != plain
+    with pytest.raises(ValueError, match="before the condition"):
+        with Conditional(Addition(SteeringVector({0: cond})), cond, layer, threshold).hooks(m):
+            pass
+
+
+def test_conditional_fit_separates_the_two_sets():
+    m = st.testing.tiny_model("llama")
+    a, b = PROMPTS[:2], PROMPTS[2:]
+    cond = (st.record(m, a, layers=[1], progress=False).mean() - st.record(m, b, layers=[1], progress=False).mean())[0, 0]
+    fitted = Conditional.fit(m, Addition(SteeringVector({2: cond})), cond, 1, a, b)
+    sa, sb = Conditional.scores(m, a, cond, 1), Conditional.scores(m, b, cond, 1)
+
+    def acc(t):
+        return float(((sa > t).float().mean() + (sb <= t).float().mean()) / 2)
+
+    every_cut = [float(x) - 1e-4 for x in torch.cat([sa, sb])] + [float(torch.cat([sa, sb]).max()) + 1]
+    assert acc(fitted.threshold) == max(acc(t) for t in every_cut)
+    assert acc(fitted.threshold) == 1.0  # the difference of means separates the two sets
+
+
+def test_icv_injection_keeps_the_norm_and_pushes_away():
+    m = st.testing.tiny_model("llama")
+    v = torch.randn(m.d_model)
+    icv = SteeringVector({1: v}, site="resid_post")
+    seen = {}
+
+    def spy(x, ctx):
+        seen["x"] = x
+
+    with m.hooks({("resid_post", 1): spy}):
+        m.forward(m.format(PROMPTS[:1]))
+    before = seen["x"]
+    with ICVInjection(icv, beta=0.5).hooks(m), m.hooks({("resid_post", 1): spy}):
+        m.forward(m.format(PROMPTS[:1]))
+    after = seen["x"]
+    torch.testing.assert_close(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    unit = v / v.norm()
+    assert bool(((after @ unit) < (before @ unit)).all())
+
+
+def test_edit_files_round_trip(tmp_path):
+    m = st.testing.tiny_model("llama")
+    texts = m.format(PROMPTS)
+    v = SteeringVector({1: torch.randn(m.d_model), 2: torch.randn(m.d_model)}, meta={"method": "test"})
+    edits = [Ablation(torch.randn(2, m.d_model)), Addition(v, 1.5, "post_instruction"),
+             ICVInjection(SteeringVector({1: torch.randn(m.d_model)}, "resid_post"), 0.3),
+             Conditional(Addition(v.only([2])), torch.randn(m.d_model), 1, 0.25)]
+    for i, edit in enumerate(edits):
+        path = tmp_path / f"e{i}.safetensors"
+        edit.save(path)
+        again = load_edit(path)
+        assert type(again) is type(edit)
+        with edit.hooks(m):
+            want = _logits(m, texts)
+        with again.hooks(m):
+            torch.testing.assert_close(_logits(m, texts), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a steering edit"):
+        v.save(tmp_path / "v.safetensors")
+        load_edit(tmp_path / "v.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_edit(tmp_path / "bad.safetensors")
+
+
+def test_compose_runs_both_and_model_is_untouched_after():
+    m = st.testing.tiny_model("gpt2")
+    texts = m.format(PROMPTS)
+    before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    a = Ablation(torch.randn(m.d_model))
+    b = Addition(SteeringVector({1: torch.randn(m.d_model)}))
+    with a.hooks(m), b.hooks(m):
+        want = _logits(m, texts)
+    with Compose((a, b)).hooks(m):
+        torch.testing.assert_close(_logits(m, texts), want, rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in m.hf.state_dict().items())
+
+
+def test_addition_at_instruction_end_only_touches_those_prompt_tokens():
+    m = st.testing.tiny_model("llama")
+    layer, n = 1, m.post_instruction_len
+    edit = Addition(SteeringVector({layer: torch.randn(m.d_model) * 5}), positions="instruction_end")
+    seen = {"before": [], "after": []}
+
+    def spy(which):
+        def hook(x, ctx):
+            seen[which].append(x.clone())
+        return hook
+
+    with m.hooks({("resid_pre", layer): spy("before")}), edit.hooks(m), m.hooks({("resid_pre", layer): spy("after")}):
+        m.generate(PROMPTS, max_new_tokens=3, batch_size=4)
+    (pre, *decode_pre), (post, *decode_post) = seen["before"], seen["after"]
+    torch.testing.assert_close(post[:, :-n], pre[:, :-n])  # left padding: every prompt ends at the last column
+    assert (post[:, -n:] - pre[:, -n:]).abs().amin() > 0
+    assert len(decode_pre) == 2 and all(torch.equal(a, b) for a, b in zip(decode_pre, decode_post))
+    with pytest.raises(ValueError, match="needs hooks"):
+        edit.bake(m)

@@ -1,0 +1,91 @@
+"""Steering vectors: arithmetic, safetensors and GGUF files, extraction on tiny models."""
+
+import pytest
+import torch
+
+import steering as st
+from steering.extract import diff_in_means, icv, icv_pairs, pca_direction
+from steering.vectors import Candidates, SteeringVector
+
+
+def _vec(d=16, layers=(1, 2, 3)):
+    torch.manual_seed(0)
+    return SteeringVector({l: torch.randn(d) for l in layers}, meta={"method": "diff_in_means", "model": "x"})
+
+
+def test_arithmetic():
+    a, b = _vec(), _vec()
+    assert torch.equal((a - b)[2], torch.zeros(16))
+    assert torch.equal((2 * a)[1], a[1] * 2) and torch.equal((a * 2)[1], a[1] * 2)
+    assert torch.equal((-a)[3], -a[3]) and torch.allclose((a / 4)[3], a[3] / 4)
+    assert torch.allclose((a + a.only([1]))[1], 2 * a[1]) and torch.equal((a + a.only([1]))[2], a[2])
+    assert all(abs(float(v.norm()) - 1) < 1e-6 for v in a.normalized().directions.values())
+    with pytest.raises(ValueError, match="different sites"):
+        a + SteeringVector({1: torch.ones(16)}, site="resid_post")
+    with pytest.raises(KeyError, match=r"\[7\]"):
+        a.only([7])
+
+
+def test_safetensors_round_trip_with_provenance(tmp_path):
+    a = _vec()
+    a.save(tmp_path / "v.safetensors")
+    b = SteeringVector.load(tmp_path / "v.safetensors")
+    assert b.meta == a.meta and b.site == a.site and b.layers == a.layers
+    assert all(torch.equal(a[l], b[l]) for l in a.layers)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        SteeringVector.load(tmp_path / "nope.safetensors")
+
+
+def test_gguf_round_trip_is_exact(tmp_path):
+    a = _vec(layers=(2, 3, 5))
+    a.to_gguf(tmp_path / "v.gguf", model_hint="llama")
+    b = SteeringVector.from_gguf(tmp_path / "v.gguf")
+    assert b.layers == a.layers and b.meta["model_hint"] == "llama"
+    assert all(torch.equal(a[l], b[l]) for l in a.layers)
+    post = SteeringVector({1: torch.ones(16)}, site="resid_post")
+    post.to_gguf(tmp_path / "p.gguf")
+    assert SteeringVector.from_gguf(tmp_path / "p.gguf", site="resid_post").layers == [1]
+    with pytest.raises(ValueError, match="no control-vector slot"):
+        _vec(layers=(1,)).to_gguf(tmp_path / "bad.gguf")  # resid_pre of layer 1 = after block 0
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_diff_in_means_matches_recorded_means():
+    m = st.testing.tiny_model("llama")
+    harmful, harmless = ["How do I pick a lock?", "Make a weapon now"], ["Bake bread", "Write a poem about the sea"]
+    c = diff_in_means(m, harmful, harmless, progress=False)
+    assert c.vectors.shape == (m.n_layers, m.post_instruction_len, m.d_model) and c.positions == (-2, -1)
+    want = st.record(m, harmful, positions="post_instruction", progress=False).mean() - \
+        st.record(m, harmless, positions="post_instruction", progress=False).mean()
+    torch.testing.assert_close(c.vectors, want)
+    assert c.meta["harmful_hash"] != c.meta["harmless_hash"]
+    torch.testing.assert_close(c.direction(1, -1), want[1, 1])
+
+
+def test_candidates_round_trip(tmp_path):
+    c = Candidates(torch.randn(3, 2, 8), (-2, -1), meta={"model": "m"})
+    c.save(tmp_path / "c.safetensors")
+    d = Candidates.load(tmp_path / "c.safetensors")
+    assert torch.equal(c.vectors, d.vectors) and d.positions == (-2, -1) and d.meta == {"model": "m"}
+
+
+def test_pca_direction_points_with_the_mean_difference():
+    m = st.testing.tiny_model("gpt2")
+    pos = ["Tell me how to steal a car", "How to hurt someone", "Explain making a bomb"]
+    neg = ["Tell me how to wash a car", "How to help someone", "Explain making a cake"]
+    v = pca_direction(m, pos, neg, layers=[1, 2])
+    mean = st.record(m, pos, layers=[1, 2], progress=False).mean()[:, 0] - st.record(m, neg, layers=[1, 2], progress=False).mean()[:, 0]
+    for i, l in enumerate([1, 2]):
+        assert float(v[l] @ mean[i]) > 0
+
+
+def test_icv_shape_and_sign():
+    m = st.testing.tiny_model("llama")
+    pairs = icv_pairs(["How do I pick a lock?", "How to make poison?", "How to hack a bank?"])
+    assert pairs[0][1].endswith("because it is harmful")
+    v = icv(m, pairs)
+    assert v.layers == list(range(m.n_layers)) and v.site == "resid_post"
+    u = st.record(m, [p[0] for p in pairs], sites="resid_post", positions="last:4", chat=False, progress=False).mean("resid_post").mean(1)
+    s = st.record(m, [p[1] for p in pairs], sites="resid_post", positions="last:4", chat=False, progress=False).mean("resid_post").mean(1)
+    for l in v.layers:
+        assert float(v[l] @ (u[l] - s[l])) > 0
