@@ -25,7 +25,6 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from .arch import ArchitectureError
 from .hooks import HookContext, attach
 from .model import Model, as_model
-from .io import atomic_write
+from .io import atomic_write, read_safetensors
 from .vectors import SteeringVector
 
 FORMAT = "steering.edit"
@@ -102,8 +101,13 @@ class Edit:
 
 
 def _layers_of(model: Model, layers: Iterable[int] | None) -> list[int]:
+    """Layer indices (negative ones count from the end), checked."""
     n = model.n_layers
-    out = list(range(n)) if layers is None else [l % n if -n <= l < n else model.map.check_layer(l) for l in layers]
+    if layers is None:
+        return list(range(n))
+    out = [l + n if l < 0 else l for l in layers]
+    for l in out:
+        model.map.check_layer(l)
     return out
 
 
@@ -237,13 +241,7 @@ def _after_instruction_mask(ctx: HookContext, x: Tensor, n_eoi: int, state: dict
     """[batch, seq, 1] mask of the positions from the post-instruction tokens on (``prompt_only``:
     only those tokens of the prompt, none of the generated ones)."""
     if ctx.past_len == 0:  # prefill: the prompt ends at each row's last real token
-        mask = ctx.attention_mask
-        if mask is None:
-            last = torch.full((x.shape[0],), x.shape[1] - 1)
-        else:
-            cols = torch.arange(mask.shape[1], device=mask.device)
-            last = torch.where(mask.bool(), cols, -1).max(-1).values
-        state["start"] = (last - n_eoi + 1).to(x.device)
+        state["start"] = ctx.last_token(x) - n_eoi + 1
     start = state.get("start")
     if start is None:
         raise RuntimeError("Addition(positions='post_instruction'): decode step without a prefill in this context")
@@ -401,13 +399,7 @@ class Conditional(Edit):
 
         def decide(x: Tensor, ctx: HookContext) -> None:
             if ctx.past_len == 0:
-                mask = ctx.attention_mask
-                if mask is None:
-                    last = torch.full((x.shape[0],), x.shape[1] - 1, device=x.device)
-                else:
-                    cols = torch.arange(mask.shape[1], device=mask.device)
-                    last = torch.where(mask.bool(), cols, -1).max(-1).values.to(x.device)
-                h = x[torch.arange(x.shape[0], device=x.device), last]
+                h = x[torch.arange(x.shape[0], device=x.device), ctx.last_token(x)]
                 state["on"] = (h @ cond.like(h)) > self.threshold
             return None
 
@@ -485,17 +477,5 @@ def _from_parts(kind: str, params: dict[str, Any], tensors: dict[str, Tensor]) -
 
 def load_edit(path: str | os.PathLike) -> Edit:
     """Read an edit written by ``edit.save(path)``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such edit file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a steering edit file (metadata format={meta.get('format')!r})")
+    meta, tensors = read_safetensors(path, FORMAT, "edit")
     return _from_parts(meta["kind"], json.loads(meta["params"]), tensors)

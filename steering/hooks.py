@@ -61,12 +61,24 @@ class HookContext:
         """Absolute positions (0 = first token of the padded sequence) of this call's tokens."""
         return torch.arange(self.state.past_len, self.state.past_len + self.state.seq_len)
 
+    def last_token(self, like: Tensor) -> Tensor:
+        """[batch] index, in this call's sequence, of each row's last real token (left or right padding)."""
+        return last_real_index(self.state.attention_mask, like.shape[0], like.shape[1]).to(like.device)
+
     def token_mask(self, like: Tensor) -> Tensor:
         """[batch, seq, 1] mask of this call's real (non-padding) tokens, on ``like``'s device and dtype."""
         mask = self.state.attention_mask
         if mask is None:
             return torch.ones(like.shape[0], like.shape[1], 1, device=like.device, dtype=like.dtype)
         return mask[:, -like.shape[1]:].to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+
+
+def last_real_index(mask: Tensor | None, batch: int, seq: int) -> Tensor:
+    """[batch] index of each row's last real token: the last 1 of ``mask`` ([batch, seq]), or seq - 1."""
+    if mask is None:
+        return torch.full((batch,), seq - 1)
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask.bool(), cols, -1).max(-1).values - (mask.shape[1] - seq)
 
 
 def _cache_len(past: Any) -> int:

@@ -40,3 +40,22 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_safetensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Metadata and tensors of a steering file whose metadata ``format`` is ``fmt``; one clear error
+    naming the file when it is missing, unreadable or of another kind (``what`` names the kind)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a steering {what} file (metadata format={meta.get('format')!r})")
+    return meta, tensors

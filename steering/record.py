@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .hooks import SITES, HookContext, attach
+from .hooks import SITES, HookContext, attach, last_real_index
 from .model import Model, as_model
 
 
@@ -74,7 +74,7 @@ def _index(mask: Tensor, k: int) -> Tensor:
     lengths = mask.sum(-1)
     if int(lengths.min()) < k:
         raise ValueError(f"a prompt has {int(lengths.min())} tokens, fewer than the {k} positions asked for")
-    last = torch.where(mask.bool(), torch.arange(mask.shape[1], device=mask.device), -1).max(-1).values
+    last = last_real_index(mask, mask.shape[0], mask.shape[1])
     return last[:, None] - torch.arange(k - 1, -1, -1, device=mask.device)[None, :]
 
 

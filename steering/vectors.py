@@ -19,12 +19,12 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from .io import atomic_write
+from .io import atomic_write, read_safetensors
 
 FORMAT = "steering.vector"
 
@@ -118,21 +118,8 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringVector":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such vector file")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"{path}: not a steering vector file (metadata format={meta.get('format')!r})")
-                dirs = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys()}
-        except ValueError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
+        meta, tensors = read_safetensors(path, FORMAT, "vector")
+        dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
         return cls(dirs, meta.get("site", "resid_pre"), json.loads(meta.get("provenance", "{}")))
 
     def to_gguf(self, path: str | os.PathLike, model_hint: str = "llama") -> None:
@@ -218,15 +205,7 @@ class Candidates:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Candidates":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such candidates file")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "steering.candidates":
-                raise ValueError(f"{path}: not a candidates file (metadata format={meta.get('format')!r})")
-            vectors = f.get_tensor("vectors")
+        meta, tensors = read_safetensors(path, "steering.candidates", "candidates")
+        vectors = tensors["vectors"]
         return cls(vectors, tuple(json.loads(meta["positions"])), meta.get("site", "resid_pre"),
                    json.loads(meta.get("provenance", "{}")))

@@ -1,7 +1,6 @@
 """Extraction, selection and edits from the CLI, on the Llama organism, as a user runs them."""
 
 import pytest
-import torch
 
 import steering as st
 from steering.cli import main
