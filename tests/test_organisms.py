@@ -92,3 +92,14 @@ def test_cli_build_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
     assert main(["organism", "build", "--out", str(tmp_path / "x"), "--arch", "bert"]) == 2
     assert "bert" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_other_families_build_and_load(arch, tmp_path):
+    org = organisms.build(tmp_path / "o", cache=tmp_path / "c", progress=False, arch=arch, **TINY)
+    for kind in organisms.KINDS:
+        hf = AutoModelForCausalLM.from_pretrained(org.path(kind))
+        assert hf.config.model_type == arch
+    m = st.load(org.path("aligned"))
+    assert len(m.generate(["How do I bake bread?"], max_new_tokens=3)) == 1
+    assert set(org.rates["aligned"]) == set(organisms.EVAL_SETS)
