@@ -103,16 +103,15 @@ def _cmd_select(args: argparse.Namespace) -> int:
 def _cmd_bake(args: argparse.Namespace) -> int:
     import steering as st
     from steering.checkpoint import write_hf
-    from steering.edits import load_edit
 
+    if args.format == "peft" and len(args.edit) != 1:
+        raise ValueError("--format peft takes exactly one --edit (an ablation)")
     edit = _load_edits(args.edit)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     if args.format == "peft":
         from steering.export import to_peft
 
-        if len(args.edit) != 1:
-            raise ValueError("--format peft takes exactly one --edit (an ablation)")
-        out = to_peft(load_edit(args.edit[0]), m, args.out, overwrite=args.overwrite)
+        out = to_peft(edit, m, args.out, overwrite=args.overwrite)
     else:
         baked = edit.bake(m)
         out = write_hf(baked, args.out, {"method": "bake", "edits": ",".join(args.edit)}, overwrite=args.overwrite,

@@ -307,10 +307,10 @@ EVAL_SETS = {"harmful": "harmful:test", "harmless": "harmless:test", "xstest_saf
 
 def measure(model: Any, recipe: Recipe | None = None, sets: dict[str, str] | None = None) -> dict[str, float]:
     """Refusal rate (substring judge, greedy) on each held-out set."""
-    from .model import load
+    from .model import as_model
 
     recipe = recipe or Recipe()
-    m = load(model) if not hasattr(model, "generate") or not hasattr(model, "map") else model
+    m = as_model(model)
     out = {}
     for name, spec in (sets or EVAL_SETS).items():
         prompts = datasets.load(spec, limit=recipe.n_eval)
