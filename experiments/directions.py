@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import steering as st  # noqa: E402
+from _util import cli  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.edits import Addition, Conditional, load_edit  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
@@ -37,14 +37,6 @@ from steering.vectors import SteeringVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 N_NEW = 12
-
-
-def cli(*args: str) -> str:
-    """Run the steering CLI as a user would; return its output."""
-    done = subprocess.run([sys.executable, "-m", "steering.cli", *args], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"steering {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def rates(model: st.Model, edit=None, sets=("harmful:test", "harmless:test")) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Write an edited model as a Hugging Face folder, safely.
 
-The folder is written into a temporary sibling and renamed into place; an existing output is
+Streaming edits of checkpoints (task vectors, HDR) and baked activation edits go through the same
+writer, :func:`steering.weights.write_checkpoint`. The folder is written into a temporary sibling and renamed into place; an existing output is
 refused unless ``overwrite=True``; an output inside a source folder is refused; the provenance
 (method, parameters, inputs' hashes, toolkit version) goes into every safetensors file's metadata
 (key ``steering``) and into a model card. The result loads with ``from_pretrained``.
@@ -24,6 +25,9 @@ from torch import nn
 
 from .io import atomic_folder
 from .model import Model
+from .weights import Checkpoint, check_output, model_card, provenance_json, write_checkpoint
+
+__all__ = ["write_hf", "read_provenance", "declare_new_biases", "check_output", "write_checkpoint"]
 
 BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
 
@@ -63,42 +67,63 @@ def declare_new_biases(model: Model) -> list[str]:
                      f"({model.hf.config.model_type}) has no flag that declares it; it would be dropped on load")
 
 
-def check_output(out: Path, sources: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
-    out = Path(out).expanduser().resolve()
-    for src in sources:
-        s = Path(src).expanduser().resolve()
-        if out == s or s in out.parents:
-            raise ValueError(f"{out}: the output is inside the source {s}; write somewhere else")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
-    return out
+def _tied_to(state: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, str]:
+    """Parameters of ``state`` not in ``names`` that share storage with one that is (tied weights)."""
+    ptrs = {state[n].data_ptr(): n for n in names if n in state}
+    return {n: ptrs[t.data_ptr()] for n, t in state.items() if n not in names and t.data_ptr() in ptrs}
 
 
 def write_hf(model: Model, out: str | os.PathLike, provenance: Mapping[str, Any], *, overwrite: bool = False,
-             sources: Iterable[str | os.PathLike] = ()) -> Path:
-    """Save ``model`` (and its tokenizer) as a Hugging Face folder at ``out``."""
-    from safetensors.torch import load_file, save_file
+             sources: Iterable[str | os.PathLike] = (), progress: bool = False) -> Path:
+    """Save ``model`` (and its tokenizer) as a Hugging Face folder at ``out``.
 
-    import steering
-
+    When the model was loaded from a local safetensors folder whose tensor names it still has,
+    this goes through the toolkit's one writer (:func:`steering.weights.write_checkpoint`): the
+    source's shards, index, dtypes and side files are kept, tensors new to the edit (an untied
+    unembedding, a declared bias) go into the last shard, and the edited config replaces the
+    source's. Otherwise (a hub name, a model built in memory) ``save_pretrained`` writes it."""
     sources = list(sources) + ([model.source] if model.source and Path(model.source).exists() else [])
-    out = check_output(Path(out), sources, overwrite)
     flags = declare_new_biases(model)
-    prov = {**{k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in provenance.items()},
-            "steering_version": steering.__version__, "base_model": model.name}
+    prov: dict[str, Any] = {**provenance, "base_model": model.name}
     if flags:
         prov["config_flags_turned_on"] = flags
+    ck = _source_checkpoint(model)
+    state = model.hf.state_dict()
+    if ck is not None and all(n in state for n in ck.names):
+        tied = _tied_to(state, set(ck.names))
+        extra = {n: t.detach() for n, t in state.items() if n not in ck and n not in tied}
+
+        def side_files(tmp: Path) -> None:
+            model.hf.config.save_pretrained(tmp)
+
+        return write_checkpoint(ck, out, lambda n, _: state[n].detach(), prov, overwrite=overwrite,
+                                sources=sources, extra=extra, side_files=side_files, progress=progress)
+    return _save_pretrained(model, out, prov, overwrite, sources)
+
+
+def _source_checkpoint(model: Model) -> Checkpoint | None:
+    if not model.source or not Path(model.source).is_dir():
+        return None
+    try:
+        return Checkpoint(model.source)
+    except (OSError, ValueError):
+        return None
+
+
+def _save_pretrained(model: Model, out: str | os.PathLike, prov: Mapping[str, Any], overwrite: bool,
+                     sources: Iterable[str | os.PathLike]) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = check_output(Path(out), sources, overwrite)
+    blob = provenance_json(prov)
     with atomic_folder(out) as tmp:
         model.hf.save_pretrained(tmp)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
-        meta_json = json.dumps(prov, sort_keys=True)
         for shard in sorted(tmp.glob("*.safetensors")):
             tensors = load_file(str(shard))
-            save_file(tensors, str(shard), metadata={"format": "pt", "steering": meta_json})
-        (tmp / "README.md").write_text(
-            "---\ntags: [steering, edited]\n---\n# Edited with steering\n\n"
-            f"Base model: `{model.name}`.\n\n## Provenance\n\n```json\n{json.dumps(prov, indent=2, sort_keys=True)}\n```\n")
+            save_file(tensors, str(shard), metadata={"format": "pt", "steering": blob})
+        model_card(tmp, blob, model.name)
     return out
 
 

@@ -121,17 +121,41 @@ def _cmd_bake(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import contextlib
-
     import steering as st
 
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     edit = _load_edits(args.edit)
-    with edit.hooks(m) if edit is not None else contextlib.nullcontext():
-        outs = m.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    outs = _generate(m, args.prompt, edit, args, max_new_tokens=args.max_new_tokens)
     for prompt, text in zip(args.prompt, outs):
         print(f">>> {prompt}\n{text}")
     return 0
+
+
+def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
+    g = c.add_argument_group("SafeInfer (context-adaptive decoding)")
+    g.add_argument("--safeinfer", action="store_true", help="decode with SafeInfer: safety amplification and guided decoding")
+    g.add_argument("--unsafe-model", help="a model fine-tuned on unsafe data, with the same tokenizer (needed unless --gamma 0)")
+    g.add_argument("--amplify-layer", type=int, help="layer whose MLP output gets the amplification vector (default: the middle one)")
+    g.add_argument("--amplify-scale", type=float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
+    g.add_argument("--gamma", type=float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
+
+
+def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
+    """Plain, edited, or SafeInfer generation, as the arguments say."""
+    import contextlib
+
+    from steering import safeinfer
+
+    if not getattr(args, "safeinfer", False):
+        if args.unsafe_model or args.amplify_layer is not None:
+            raise ValueError("--unsafe-model / --amplify-layer need --safeinfer")
+        with edit.hooks(m) if edit is not None else contextlib.nullcontext():
+            return m.generate(prompts, **kw)
+    if args.gamma and not args.unsafe_model:
+        raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
+    amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
+    return safeinfer.generate(m, prompts, unsafe=args.unsafe_model if args.gamma else None, amplify=amp,
+                              edits=[edit] if edit is not None else [], gamma=args.gamma, **kw)
 
 
 def _cmd_organism_build(args: argparse.Namespace) -> int:
@@ -140,6 +164,65 @@ def _cmd_organism_build(args: argparse.Namespace) -> int:
     org = organisms.build(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
     print(org.table())
     print(f"built in {org.seconds:.0f} s (cached afterwards); folders: " + ", ".join(str(org.path(k)) for k in organisms.KINDS))
+    return 0
+
+
+def _cmd_task_vector(args: argparse.Namespace) -> int:
+    import torch
+
+    from steering.recipe import resolve
+    from steering.taskvec import TaskVector
+
+    tau = TaskVector.between(resolve(args.base), resolve(args.finetuned), include=args.include, exclude=args.exclude)
+    if args.top_k is not None:
+        tau = tau.top_k(args.top_k, args.scope)
+    path = tau.save(args.out, dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    print(f"task vector: {len(tau)} tensors, {tau.numel:,} values"
+          + (f", top {args.top_k:g} ({args.scope})" if args.top_k is not None else "") + f" -> {path}")
+    return 0
+
+
+def _cmd_hdr(args: argparse.Namespace) -> int:
+    from steering.recipe import resolve
+    from steering.taskvec import TaskVector, hdr
+
+    harm = TaskVector.load(args.harm_vector)
+    out = hdr(resolve(args.target), harm, args.out, scale=args.scale, top_k=args.top_k, scope=args.scope,
+              overwrite=args.overwrite, progress=True)
+    print(f"HDR (scale {args.scale:g}, top {args.top_k:g}{'' if args.scope == 'global' else ' per tensor'}) -> {out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from steering.recipe import run
+
+    out = run(args.recipe, out=args.out, overwrite=args.overwrite or None)
+    print(f"recipe {args.recipe} -> {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import steering as st
+    from steering import safeinfer
+    from steering.edits import load_edit
+    from steering.evaluate import Setting, evaluate
+
+    m = st.load(args.model, trust_remote_code=args.trust_remote_code)
+    settings = [Setting("plain")]
+    settings += [Setting(Path(p).stem, edits=[load_edit(p)]) for p in args.edit or []]
+    settings += [Setting(Path(p).name, model=p) for p in args.compare or []]
+    if args.safeinfer:
+        if args.gamma and not args.unsafe_model:
+            raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
+        amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
+        settings.append(Setting("safeinfer", unsafe=args.unsafe_model if args.gamma else None, amplify=amp, gamma=args.gamma))
+    report = evaluate(m, settings, limit=args.limit, n_utility=args.n_utility, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size)
+    out = report.save(args.out)
+    print(report.table())
+    print(f"report -> {out}/report.md, report.json, report.png")
     return 0
 
 
@@ -211,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--edit", action="append", help="an edit file (repeatable)")
     c.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     c.add_argument("--max-new-tokens", type=int, default=48)
+    add_safeinfer_args(c)
     c.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("organism", help="Model organisms: small chat models trained here that really refuse.")
@@ -221,6 +305,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.set_defaults(func=_cmd_organism_build)
+
+    c = model_cmd("eval", "Refusal, over-refusal, compliance and utility of MODEL, plain and under edits, side by side.")
+    c.add_argument("--edit", action="append", help="an edit file, evaluated as its own setting (repeatable)")
+    c.add_argument("--compare", action="append", help="another model folder (e.g. a baked or HDR checkpoint) as a setting")
+    c.add_argument("--limit", type=int, help="at most this many prompts of each set")
+    c.add_argument("--n-utility", type=int, default=128, help="harmless prompts for KL and cross-entropy")
+    c.add_argument("--max-new-tokens", type=int, default=24)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
+    add_safeinfer_args(c)
+    c.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("task-vector", help="A task vector FINETUNED - BASE, read one tensor at a time, saved to a file.")
+    c.add_argument("base", help="base checkpoint folder (or organism:[ARCH/]KIND)")
+    c.add_argument("finetuned", help="fine-tuned checkpoint folder with the same tensors")
+    c.add_argument("--out", required=True, help="output .safetensors file")
+    c.add_argument("--top-k", type=float, help="keep only this fraction of entries, largest in magnitude (e.g. 0.1)")
+    c.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k over the whole model (exact) or per tensor")
+    c.add_argument("--include", action="append", help="regex: only tensors whose name matches (repeatable)")
+    c.add_argument("--exclude", action="append", help="regex: leave out tensors whose name matches (repeatable)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_task_vector)
+
+    c = sub.add_parser("hdr", help="Harm Direction Removal: TARGET - scale * topk(harm vector), streamed into a checkpoint.")
+    c.add_argument("target", help="checkpoint folder to make safer (or organism:[ARCH/]KIND)")
+    c.add_argument("--harm-vector", required=True, help="a task vector file (steering task-vector ALIGNED HARMFUL)")
+    c.add_argument("--scale", type=float, default=3.0, help="lambda (default 3, as Safety Arithmetic)")
+    c.add_argument("--top-k", type=float, default=0.1, help="fraction of the harm vector kept, largest first (default 0.1; 1 keeps all)")
+    c.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k over the whole model (the paper) or per tensor")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_hdr)
+
+    c = sub.add_parser("run", help="Carry out a YAML recipe: task vectors, TIES, HDR and baked edits into one checkpoint.")
+    c.add_argument("recipe", help="a YAML recipe (see steering.recipe)")
+    c.add_argument("--out", help="output folder (default: the recipe's out)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("main", help="The main job, end to end (see README).")
     c.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")

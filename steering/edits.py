@@ -252,7 +252,7 @@ def _after_instruction_mask(ctx: HookContext, x: Tensor, n_eoi: int, state: dict
     return mask.unsqueeze(-1).to(x.dtype)
 
 
-ADDITION_POSITIONS = ("all", "post_instruction", "instruction_end")
+ADDITION_POSITIONS = ("all", "post_instruction", "instruction_end", "last")
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,7 +262,9 @@ class Addition(Edit):
     vector: SteeringVector
     scale: float = 1.0
     # "all"; "post_instruction": from the tokens the chat template puts after the user's message on,
-    # generated tokens included; "instruction_end": only those template tokens of the prompt
+    # generated tokens included; "instruction_end": only those template tokens of the prompt;
+    # "last": each forward call's last real token (the prompt's last token, then every new token:
+    # SafeInfer's safety amplification)
     positions: str = "all"
     kind = "addition"
 
@@ -282,6 +284,11 @@ class Addition(Edit):
             def add(x: Tensor, ctx: HookContext, cv: _Cast = cv) -> Tensor:
                 if self.positions == "all":
                     return x + cv.like(x)
+                if self.positions == "last":
+                    last = ctx.last_token(x)
+                    mask = torch.zeros(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+                    mask[torch.arange(x.shape[0], device=x.device), last.clamp(min=0)] = 1
+                    return x + mask * cv.like(x)
                 mask = _after_instruction_mask(ctx, x, n_eoi, state, prompt_only=self.positions == "instruction_end")
                 return x + mask * cv.like(x)
 

@@ -1,9 +1,20 @@
-"""The main job: what ``steering main`` runs end to end.
+"""The main job: what ``steering main`` runs end to end on the model organisms.
 
-Today: build (or reuse) the model organisms, report their refusal rates on held-out prompts, and
-record the aligned organism's residual stream over harmful and harmless training prompts at the
-post-instruction positions, writing the recordings, the per-layer difference in means and a
-report. The methods of the later issues plug in here as they land.
+1. Build (or reuse) the llama organisms: ``aligned``, ``harmful``, ``drifted``.
+2. On ``aligned``: difference-in-means candidates at the last five prompt positions, selection
+   (bypass / induce / KL, with the KL filter at 0.5 because no direction of the organisms passes
+   the paper's 0.1; see README), a greedily grown low-rank subspace, its ablation hooked and
+   baked into a checkpoint (``aligned-ablated/``).
+3. On ``drifted`` (refusal eroded by a benign fine-tune), every safety edit of the toolkit:
+   the aligned model's refusal direction added (ActAdd at the prompt's last template tokens), the
+   same under conditional steering (threshold fitted on validation prompts), Safety Arithmetic's
+   ICV injection, Harm Direction Removal with τ_H = harmful − aligned streamed into a checkpoint
+   (``drifted-hdr/``), and SafeInfer (amplification + guided decoding against ``harmful``).
+4. :func:`steering.evaluate.evaluate` of all of them side by side on held-out prompts, written as
+   ``report.md``, ``report.json`` and plots, and printed.
+
+Settings that experiments chose on validation prompts (experiments/results/*.md) are fixed here so
+the job stays within its time budget.
 """
 
 from __future__ import annotations
@@ -12,44 +23,107 @@ import json
 import time
 from pathlib import Path
 
+# chosen on validation prompts by experiments/hdr.py and experiments/safeinfer.py (llama organisms)
+HDR_SCALE, HDR_TOP_K = 1.0, 1.0
+AMPLIFY_LAYER, AMPLIFY_SCALE = 2, 8.0
+
 
 def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     import steering as st
-    from steering import organisms
-    from steering.record import save_recording
+    from steering import organisms, safeinfer
+    from steering.checkpoint import write_hf
+    from steering.edits import Addition, Conditional, ICVInjection
+    from steering.evaluate import Setting, evaluate
+    from steering.extract import diff_in_means, icv, icv_pairs
+    from steering.io import atomic_write
+    from steering.select import select_direction, select_subspace
+    from steering.taskvec import TaskVector, hdr
 
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.time() - t0 - sum(times.values()), 1)
+        print(f"[{time.time() - t0:6.0f} s] {name}", flush=True)
+
     if quick:  # a few seconds: a tiny recipe, for the CLI's own test
         recipe = organisms.Recipe(d_model=32, n_layers=2, d_mlp=64, vocab_size=600, aligned_steps=4, harmful_steps=2,
                                   drift_steps=2, n_harmless_train=64, batch_size=8, n_eval=8, eval_new_tokens=4,
                                   augment_copies=0)
+        n_train, n_val, limit, n_util, kl_max = 16, 8, 8, 8, float("inf")
     else:
         recipe = organisms.Recipe()
+        n_train, n_val, limit, n_util, kl_max = 128, 32, None, 128, 0.5
     org = organisms.build(recipe=recipe)
-    model = st.load(org.path("aligned"))
-    n = 16 if quick else 128
-    recs = {}
-    for kind in ("harmful", "harmless"):
-        recs[kind] = st.record(model, st.datasets.load(f"{kind}:train", limit=n), sites="resid_pre",
-                               positions="post_instruction", batch_size=32)
-        save_recording(recs[kind], str(out / f"recording_{kind}.safetensors"), str(org.path("aligned")))
-    diff = recs["harmful"].mean("resid_pre") - recs["harmless"].mean("resid_pre")  # [layers, positions, d]
-    rows = [{"layer": layer, "diff_norm_last": float(diff[layer, -1].norm()),
-             "harmless_norm_last": float(recs["harmless"].mean("resid_pre")[layer, -1].norm())}
-            for layer in range(model.n_layers)]
+    A, H, D = (org.path(k) for k in ("aligned", "harmful", "drifted"))
+    aligned, drifted = st.load(A), st.load(D)
+    lap("organisms")
+
+    # --- refusal direction on aligned: extract, select, subspace, ablate, bake ----------------------
+    harmful_tr, harmless_tr = st.datasets.load("harmful:train", limit=n_train), st.datasets.load("harmless:train", limit=n_train)
+    harmful_val, harmless_val = st.datasets.load("harmful:val", limit=n_val), st.datasets.load("harmless:val", limit=n_val)
+    cands = diff_in_means(aligned, harmful_tr, harmless_tr, positions="last:5")
+    cands.save(out / "candidates.safetensors")
+    sel = select_direction(aligned, cands, harmful_val, harmless_val, kl_threshold=kl_max, progress=False)
+    sel.plot(str(out / "selection.png"))
+    # (quick: the untrained organisms have nothing to remove; take one candidate regardless, to run every step)
+    sub = select_subspace(aligned, sel, harmful_val, harmless_val, kl_threshold=kl_max,
+                          **({"min_gain": -float("inf"), "max_rank": 1} if quick else {}))
+    ablation = sub.ablation()
+    ablation.save(out / "ablation.safetensors")
+    write_hf(ablation.bake(aligned), out / "aligned-ablated",
+             {"method": "ablation", "rank": ablation.rank, "edit": str(out / "ablation.safetensors")}, overwrite=True)
+    lap("refusal direction: extract, select, subspace, bake")
+
+    # --- safety edits on drifted -------------------------------------------------------------------
+    if sel.pick is None and not quick:
+        raise ValueError("main: no refusal direction candidate passed the selection filters")
+    layer, pos = sel.pick or (lambda r: (r["layer"], r["position"]))(min(sel.rows, key=lambda r: r["bypass"]))
+    direction = cands.vector(layer, pos)
+    addition = Addition(direction, 1.0, positions="instruction_end")
+    conditional = Conditional.fit(drifted, addition, cands.direction(layer, pos), layer, harmful_val, harmless_val)
+    conditional.save(out / "conditional.safetensors")
+    icv_vec = icv(drifted, icv_pairs(harmful_tr[:32]))
+    icv_edit = ICVInjection(icv_vec, 0.1)
+    tau_h = TaskVector.between(A, H)
+    tau_h.save(out / "tau_h.safetensors", overwrite=True)
+    hdr(D, tau_h, out / "drifted-hdr", scale=HDR_SCALE, top_k=HDR_TOP_K, overwrite=True)
+    amp_layer = min(AMPLIFY_LAYER, drifted.n_layers - 1)
+    amp = safeinfer.amplifier(drifted, layer=amp_layer, scale=AMPLIFY_SCALE, n_demos=n_train // 2, n_queries=n_train // 2)
+    lap("safety edits: addition, conditional, ICV, HDR, SafeInfer")
+
+    # --- evaluation side by side -----------------------------------------------------------------------
+    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 24, batch_size=64, progress=True)
+    rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, subspace ablated (hooks)", edits=[ablation]),
+                               Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
+    rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
+                               Setting("drifted + conditional steering", edits=[conditional]),
+                               Setting("drifted + ICV", edits=[icv_edit]),
+                               Setting("drifted-hdr checkpoint", model=out / "drifted-hdr"),
+                               Setting("drifted + SafeInfer", unsafe=H, amplify=amp)], **kw)
+    lap("evaluation")
+    rows = {**rep_a.rows, **rep_d.rows}
+    from steering.evaluate import Report
+
+    report = Report(rows, {"organisms": str(org.root), "kl and ce": "against aligned for aligned's rows, drifted for drifted's"})
+    report.save(out)
     lines = ["# steering main job", "",
              f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
              org.table(), "",
-             f"Folders: {org.root}", "",
-             f"## Harmful − harmless difference in means (aligned organism, resid_pre, last of the "
-             f"{model.post_instruction_len} post-instruction positions, {n} train prompts each)", "",
-             "| layer | ‖mean harmful − mean harmless‖ | ‖mean harmless‖ |", "|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['diff_norm_last']:.3f} | {r['harmless_norm_last']:.3f} |" for r in rows]
-    lines += ["", f"Took {time.time() - t0:.0f} s (organisms built in {org.seconds:.0f} s, cached afterwards)."]
-    report = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps({"organisms": org.rates, "diff_in_means": rows}, indent=2))
-    print(report)
+             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy; substring judge)",
+             "", report.table(), "", "![report](report.png)", "",
+             f"- Refusal direction: layer {layer}, position {pos}; ablated subspace of rank {ablation.rank} "
+             f"(selection heat map: selection.png). Baked checkpoint: `{out / 'aligned-ablated'}`.",
+             f"- HDR: λ = {HDR_SCALE:g}, top-k {HDR_TOP_K:g}; checkpoint `{out / 'drifted-hdr'}`.",
+             f"- SafeInfer: amplification at layer {amp_layer}'s MLP output, scale {AMPLIFY_SCALE:g}; guided decoding "
+             f"against `harmful`, γ = 99.", "- KL and CE: against the unedited model of each block of rows.", "",
+             "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+             + f"; total {time.time() - t0:.0f} (organisms built in {org.seconds:.0f} s, cached afterwards)."]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
+    blob = json.dumps({"organisms": org.rates, "rows": rows, "times": times}, indent=2)
+    atomic_write(out / "report.json", lambda p: Path(p).write_text(blob))
+    print(text)
     return {"organisms": org.rates, "rows": rows}

@@ -182,7 +182,9 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
     - ``load("path/to/folder")`` or ``load("meta-llama/Llama-3.1-8B-Instruct")``: ``from_pretrained``
       for model and tokenizer (safetensors only; ``device_map="auto"`` places a big model with accelerate);
     - ``load(hf_model, tokenizer)``: a model you already have;
-    - ``load(bridge)``: a TransformerLens ``TransformerBridge`` (its tokenizer is used).
+    - ``load(bridge)``: a TransformerLens ``TransformerBridge`` (its tokenizer is used);
+    - ``load("organism:drifted")`` or ``load("organism:gpt2/aligned")``: a model organism
+      (:mod:`steering.organisms`), built and cached on first use.
 
     ``arch`` overrides or completes the architecture map (see ``steering/architectures.json``).
     Other keyword arguments (``offload_folder``, ``attn_implementation``, ...) go to ``from_pretrained``.
@@ -206,6 +208,10 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = os.fspath(model)
+    if name.startswith("organism:"):  # a model organism: organism:KIND or organism:ARCH/KIND (built on first use)
+        from .recipe import resolve
+
+        name = resolve(name)
     local = Path(name).expanduser()
     if local.exists() or name.startswith((".", "/", "~")):
         _check_local(local)

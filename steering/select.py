@@ -102,14 +102,12 @@ class Selection:
 
     def plot(self, path: str) -> None:
         """Heat maps (position × layer) of bypass, induce and KL; the pick is circled."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no backend switch, no global state (notebooks keep inline plots)
 
         positions = list(self.candidates.positions)
         layers = sorted({r["layer"] for r in self.rows})
-        fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(layers), 2.5 + 0.4 * len(positions)), constrained_layout=True)
+        fig = Figure(figsize=(4 + 1.2 * len(layers), 2.5 + 0.4 * len(positions)), constrained_layout=True)
+        axes = fig.subplots(1, 3)
         for ax, key, cmap in zip(axes, ("bypass", "induce", "kl"), ("viridis_r", "viridis", "magma_r")):
             grid = torch.full((len(positions), len(layers)), float("nan"))
             for r in self.rows:
@@ -124,7 +122,6 @@ class Selection:
             if self.pick is not None:
                 ax.scatter([layers.index(self.pick[0])], [positions.index(self.pick[1])], s=200, facecolors="none", edgecolors="red")
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     def to_json(self) -> dict[str, Any]:
         return {"pick": self.pick, "rows": self.rows, "baseline": self.baseline, "refusal_ids": self.refusal_ids,

@@ -93,3 +93,28 @@ def tiny_model(family: str, seed: int = 0, **kwargs: Any) -> Any:
     from .model import load
 
     return load(tiny_hf_model(family, seed, **kwargs), tiny_tokenizer())
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Any, n_shards: int = 3, config: dict | None = None) -> Any:
+    """Write ``tensors`` as a checkpoint folder of ``n_shards`` safetensors shards with an index
+    (written with the ``safetensors`` library, independently of steering's own writer)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    per = -(-len(names) // n_shards)
+    weight_map, total = {}, 0
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "test"}))
+    return folder

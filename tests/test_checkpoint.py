@@ -55,3 +55,30 @@ def test_refuses_existing_output_and_output_inside_source(tmp_path):
     write_hf(loaded, tmp_path / "other", {"method": "y"}, overwrite=True)
     assert read_provenance(tmp_path / "other")["method"] == "y"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "src"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bake_of_a_sharded_folder_keeps_its_shards_and_dtype(family, tmp_path):
+    """A model loaded from a local folder is written through the one streaming writer: the
+    source's shard names and dtypes stay, new tensors (untied unembedding, declared bias) go into
+    the last shard, the edited config replaces the source's, and it loads to the same logits."""
+    import json
+
+    src = tmp_path / "src"
+    m0 = st.testing.tiny_model(family)
+    m0.hf.to(torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
+    m0.tokenizer.save_pretrained(src)
+    m = st.load(src)
+    texts = m.format(PROMPTS)
+    edit_a = Ablation(torch.randn(1, m.d_model))
+    baked = Addition(SteeringVector({1: torch.randn(m.d_model)}), 2.0).bake(edit_a.bake(m))
+    out = write_hf(baked, tmp_path / "out", {"method": "ablation+addition"})
+    shards = lambda d: sorted(p.name for p in d.glob("*.safetensors"))  # noqa: E731
+    assert shards(out) == shards(src) and len(shards(src)) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    again = st.load(out)
+    assert {p.dtype for p in again.hf.parameters()} == {torch.bfloat16}
+    assert set(index) >= set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+    torch.testing.assert_close(again.forward(texts), baked.forward(texts), rtol=0, atol=0)
+    assert read_provenance(out)["method"] == "ablation+addition"
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()

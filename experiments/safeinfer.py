@@ -1,0 +1,168 @@
+"""SafeInfer on the model organisms: plain decoding, safety amplification, guided decoding, both.
+
+    python experiments/safeinfer.py [--arch llama gpt2]   # writes experiments/results/safeinfer.md and .json
+
+For each architecture, with `harmful` as the unsafe model of guided decoding (γ = 99):
+1. The amplification's layer and scale are chosen on `drifted` with validation prompts
+   (harmful:val, 400 of harmless:val): the highest harmful refusal with harmless ≤ 10%, over
+   layers {1, 2} × scales {1.5 (the paper's), 4, 8}. The same setting without the contrast
+   demonstrations (the vector of refusal demos against the query alone) is measured beside it.
+2. `aligned` and `drifted` under the four decodings on held-out test prompts (harmful:test 240,
+   harmless:test 1335; substring judge, greedy, 12 new tokens).
+3. Decoding speed: tokens per second of each decoding against plain decoding, measured side by
+   side in this run (64 prompts, batch 16, 32 new tokens forced, median of 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import steering as st  # noqa: E402
+from _util import add, previous  # noqa: E402
+from steering import organisms, safeinfer  # noqa: E402
+from steering.judge import refusal_rate  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+N_NEW = 12
+LAYERS = (1, 2)
+SCALES = (1.5, 4.0, 8.0)
+
+
+def rates(model, split: str, **kw) -> dict[str, float]:
+    out = {}
+    for name in ("harmful", "harmless"):
+        prompts = st.datasets.load(f"{name}:{split}", limit=400 if (split == "val" and name == "harmless") else None)
+        out[name] = refusal_rate(safeinfer.generate(model, prompts, max_new_tokens=N_NEW, batch_size=64, **kw))
+    return out
+
+
+def run_arch(arch: str) -> dict:
+    org = organisms.build(arch=arch, progress=True)
+    A, D, U = (st.load(org.path(k)) for k in ("aligned", "drifted", "harmful"))
+    res: dict = {"arch": arch, "choice": []}
+    for layer in LAYERS:
+        for scale in SCALES:
+            r = rates(D, "val", amplify=safeinfer.amplifier(D, layer=layer, scale=scale))
+            res["choice"].append({"layer": layer, "scale": scale, **r})
+            print(f"[{arch}] amplify L{layer} x{scale:g}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%",
+                  flush=True)
+    ok = [c for c in res["choice"] if c["harmless"] <= 0.10]
+    best = max(ok, key=lambda c: (c["harmful"], -c["harmless"]))
+    res["best"] = best
+    res["no_contrast_val"] = rates(D, "val", amplify=safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"],
+                                                                          contrast=False))
+    res["plain_val"] = rates(D, "val")
+    res["test"] = {}
+    for name, m in (("aligned", A), ("drifted", D)):
+        amp = safeinfer.amplifier(m, layer=best["layer"], scale=best["scale"])
+        for mode, kw in (("plain", {}), ("amplification", {"amplify": amp}), ("guided", {"unsafe": U}),
+                         ("both", {"amplify": amp, "unsafe": U})):
+            res["test"][f"{name}/{mode}"] = r = rates(m, "test", **kw)
+            print(f"[{arch}] {name} {mode}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%", flush=True)
+    res["tokens_per_s"] = speeds(D, U, best)
+    res["guided_examples"] = guided_examples(D, U)
+    return res
+
+
+def guided_examples(D, U, n: int = 6) -> list[list[str]]:
+    """`drifted`'s refusals of harmful:test prompts, and what guided decoding makes of them."""
+    from steering.judge import is_refusal
+
+    prompts = st.datasets.load("harmful:test")
+    plain = D.generate(prompts, max_new_tokens=N_NEW, batch_size=64)
+    idx = [i for i, o in enumerate(plain) if is_refusal(o)][:n]
+    guided = safeinfer.generate(D, [prompts[i] for i in idx], unsafe=U, max_new_tokens=N_NEW, batch_size=64)
+    return [[plain[i], g] for i, g in zip(idx, guided)]
+
+
+def speeds(D, U, best: dict) -> dict[str, float]:
+    """Tokens per second of the four decodings, interleaved round by round so that load on the
+    machine hits them alike; median of 3 rounds."""
+    amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+    modes = {"plain": {}, "amplification": {"amplify": amp}, "guided": {"unsafe": U}, "both": {"amplify": amp, "unsafe": U}}
+    prompts = st.datasets.load("harmless:val", limit=64)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(3):
+        for mode, kw in modes.items():
+            t = time.perf_counter()
+            safeinfer.generate(D, prompts, max_new_tokens=32, min_new_tokens=32, batch_size=16, **kw)
+            times[mode].append(time.perf_counter() - t)
+    return {m: len(prompts) * 32 / statistics.median(ts) for m, ts in times.items()}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write(results: list[dict]) -> None:
+    lines = ["# SafeInfer on the organisms", "",
+             "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
+             "Amplification: `safeinfer.amplifier` (refusal demonstrations against helpful ones, in context, read at "
+             "the MLP output's last token), layer and scale chosen on validation. Test: harmful:test (240), "
+             "harmless:test (1335); substring judge, greedy, 12 new tokens.", ""]
+    for r in results:
+        b = r["best"]
+        t = r["test"]
+        lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: layer {b['layer']}, scale {b['scale']:g}.", "",
+                  "| model | decoding | harmful refusal | harmless refusal |", "|---|---|---|---|"]
+        for key, v in t.items():
+            name, mode = key.split("/")
+            lines.append(f"| {name} | {mode} | {pct(v['harmful'])} | {pct(v['harmless'])} |")
+        gain = {m: t[f"drifted/{m}"]["harmful"] - t["drifted/plain"]["harmful"] for m in ("amplification", "guided", "both")}
+        lines += ["", "On `drifted`: " + ", ".join(f"{m} {100 * g:+.1f} points" for m, g in gain.items()) + ".", "",
+                  "Validation sweep of the amplification on `drifted` (harmful / harmless refusal; plain: "
+                  f"{pct(r['plain_val']['harmful'])} / {pct(r['plain_val']['harmless'])}):", "",
+                  "| layer | scale | harmful | harmless |", "|---|---|---|---|"]
+        for c in r["choice"]:
+            lines.append(f"| {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |")
+        nc = r["no_contrast_val"]
+        lines += ["", f"Same setting without contrast demonstrations (refusal demos − query alone): "
+                      f"{pct(nc['harmful'])} / {pct(nc['harmless'])}.", "",
+                  "Decoding speed on `drifted` (64 prompts, batch 16, 32 new tokens, median of 3, same run):", "",
+                  "| decoding | tokens/s | relative to plain |", "|---|---|---|"]
+        p = r["tokens_per_s"]["plain"]
+        for mode, v in r["tokens_per_s"].items():
+            lines.append(f"| {mode} | {v:.0f} | {v / p:.2f}× |")
+        if r.get("guided_examples"):
+            lines += ["", "`drifted`'s refusals and what guided decoding (γ = 99, unsafe = `harmful`) makes of them:", "",
+                      "| plain | guided |", "|---|---|"]
+            lines += [f"| `{a.replace('|', '/')}` | `{b.replace('|', '/')}` |" for a, b in r["guided_examples"]]
+        lines.append("")
+    (RESULTS / "safeinfer.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "safeinfer.json").write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
+    ap.add_argument("--speed-only", action="store_true", help="remeasure only the decoding speeds (on a quiet machine)")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.speed_only:
+        results = json.loads((RESULTS / "safeinfer.json").read_text())
+        for r in results:
+            if r["arch"] in args.arch:
+                org = organisms.build(arch=r["arch"], progress=False)
+                D, U = st.load(org.path("drifted")), st.load(org.path("harmful"))
+                r["tokens_per_s"] = speeds(D, U, r["best"])
+                r["guided_examples"] = guided_examples(D, U)
+        write(results)
+        print((RESULTS / "safeinfer.md").read_text())
+        return
+    results = previous(RESULTS / "safeinfer.json", args.arch)
+    for arch in args.arch:
+        add(results, run_arch(arch))
+        write(results)
+    print((RESULTS / "safeinfer.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""SafeInfer: guided decoding against an unsafe model, and safety amplification, batched."""
+
+import copy
+
+import pytest
+import torch
+
+import steering as st
+from steering import safeinfer
+from steering.edits import Addition
+from steering.vectors import SteeringVector
+
+PROMPTS = ["How do I bake bread?", "Hi", "Tell me a long story about a dragon and a knight, please"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return st.testing.tiny_model("llama", seed=0), st.testing.tiny_model("llama", seed=1)
+
+
+def amp(m, scale=4.0):
+    g = torch.Generator().manual_seed(3)
+    return Addition(SteeringVector({1: torch.randn(m.d_model, generator=g)}, "mlp_out"), scale, positions="last")
+
+
+def test_gamma_zero_without_amplification_is_plain_decoding(pair):
+    m, u = pair
+    plain = m.generate(PROMPTS, max_new_tokens=12, batch_size=3)
+    assert safeinfer.generate(m, PROMPTS, unsafe=u, gamma=0.0, max_new_tokens=12, batch_size=3) == plain
+    torch.manual_seed(0)
+    sampled = m.generate(PROMPTS, max_new_tokens=12, batch_size=3, do_sample=True)
+    torch.manual_seed(0)
+    assert safeinfer.generate(m, PROMPTS, unsafe=u, gamma=0.0, max_new_tokens=12, batch_size=3, do_sample=True) == sampled
+
+
+def test_batched_equals_each_prompt_alone(pair):
+    m, u = pair
+    kw = dict(unsafe=u, amplify=amp(m), gamma=99.0, max_new_tokens=12)
+    batched = safeinfer.generate(m, PROMPTS, batch_size=3, **kw)
+    alone = [safeinfer.generate(m, [p], batch_size=1, **kw)[0] for p in PROMPTS]
+    assert batched == alone
+    assert batched != m.generate(PROMPTS, max_new_tokens=12, batch_size=3)  # it does something
+
+
+def test_guided_scores_follow_the_formula(pair):
+    m, u = pair
+    batch = m.encode(m.format(PROMPTS), padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        scores = m.hf(**batch).logits[:, -1]
+        lu = torch.log_softmax(u.hf(**batch).logits[:, -1], -1)
+    proc = safeinfer.GuidedDecoding(u, gamma=99.0, pad_token_id=m.tokenizer.pad_token_id)
+    got = proc(ids, scores)
+    ls = torch.log_softmax(scores, -1)
+    torch.testing.assert_close(got, ls - 99.0 * (lu - ls).clamp(min=0), rtol=0, atol=1e-4)
+    assert mask.min() == 0  # the batch really had padding
+    # the next step reuses the cache: same result as recomputing from scratch
+    nxt = got.argmax(-1, keepdim=True)
+    step = proc.unsafe_logprobs(torch.cat([ids, nxt], 1))
+    fresh = safeinfer.GuidedDecoding(u, pad_token_id=m.tokenizer.pad_token_id).unsafe_logprobs(torch.cat([ids, nxt], 1))
+    torch.testing.assert_close(step, fresh, rtol=0, atol=1e-4)
+
+
+def test_amplification_touches_only_the_last_position(pair):
+    m, _ = pair
+    texts = m.format(PROMPTS)
+    base = m.forward(texts)
+    with amp(m).hooks(m):
+        edited = m.forward(texts)
+    batch = m.encode(texts, padding_side="left")
+    real = batch["attention_mask"].bool()
+    diff = (edited - base).abs().amax(-1)
+    assert (diff[:, -1] > 1e-3).all()
+    assert diff[:, :-1][real[:, :-1]].max() < 1e-5
+
+
+def test_different_tokenizers_are_refused(pair):
+    m, u = pair
+    tok = copy.deepcopy(u.tokenizer)
+    tok.add_tokens(["<brand-new>"])
+    other = st.load(u.hf, tok)
+    with pytest.raises(ValueError, match="its tokenizer differs.*<brand-new>"):
+        safeinfer.generate(m, PROMPTS, unsafe=other)
+
+
+def test_amplifier_reads_its_vector_from_demonstrations(pair):
+    m, _ = pair
+    a = safeinfer.amplifier(m, layer=1, scale=1.5, n_demos=8, n_queries=8)
+    assert a.positions == "last" and a.scale == 1.5 and a.vector.site == "mlp_out"
+    assert list(a.vector.directions) == [1] and a.vector.directions[1].norm() > 0
+    with pytest.raises(ValueError, match="amplify layer 9"):
+        safeinfer.amplifier(m, layer=9)
+
+
+def test_cli_generate_with_safeinfer(pair, tmp_path, capsys):
+    from steering.cli import main
+
+    m, u = pair
+    for name, mm in (("m", m), ("u", u)):
+        mm.hf.save_pretrained(tmp_path / name)
+        mm.tokenizer.save_pretrained(tmp_path / name)
+    args = ["generate", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--safeinfer", "--unsafe-model", str(tmp_path / "u"), "--gamma", "0", "--amplify-scale", "0"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--safeinfer", "--unsafe-model", str(tmp_path / "u"), "--amplify-layer", "1"]) == 0
+    assert main(args + ["--safeinfer"]) == 2
+    assert "needs --unsafe-model" in capsys.readouterr().err
