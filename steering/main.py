@@ -23,8 +23,10 @@ import json
 import time
 from pathlib import Path
 
-# chosen on validation prompts by experiments/hdr.py and experiments/safeinfer.py (llama organisms)
-HDR_SCALE, HDR_TOP_K = 1.0, 1.0
+# chosen on validation prompts by experiments/directions.py, hdr.py and safeinfer.py (llama organisms)
+ADD_SCALE, ADD_POSITIONS = 0.5, "all"  # the refusal direction added to drifted, plainly
+COND_SCALE, COND_POSITIONS = 2.0, "instruction_end"  # ... and under conditional steering
+HDR_SCALE, HDR_TOP_K = 1.0, 0.5
 AMPLIFY_LAYER, AMPLIFY_SCALE = 2, 8.0
 
 
@@ -82,8 +84,10 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
         raise ValueError("main: no refusal direction candidate passed the selection filters")
     layer, pos = sel.pick or (lambda r: (r["layer"], r["position"]))(min(sel.rows, key=lambda r: r["bypass"]))
     direction = cands.vector(layer, pos)
-    addition = Addition(direction, 1.0, positions="instruction_end")
-    conditional = Conditional.fit(drifted, addition, cands.direction(layer, pos), layer, harmful_val, harmless_val)
+    addition = Addition(direction, ADD_SCALE, positions=ADD_POSITIONS)
+    cond_val = [st.datasets.load(f"{k}:val", limit=2 * n_val) for k in ("harmful", "harmless")]
+    conditional = Conditional.fit(drifted, Addition(direction, COND_SCALE, positions=COND_POSITIONS),
+                                  cands.direction(layer, pos), layer, *cond_val)
     conditional.save(out / "conditional.safetensors")
     icv_vec = icv(drifted, icv_pairs(harmful_tr[:32]))
     icv_edit = ICVInjection(icv_vec, 0.1)
@@ -95,14 +99,16 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     lap("safety edits: addition, conditional, ICV, HDR, SafeInfer")
 
     # --- evaluation side by side -----------------------------------------------------------------------
-    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 24, batch_size=64, progress=True)
+    # 12 new tokens, as the experiments measure (longer generations catch more refusal phrases)
+    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 12, batch_size=64, progress=True)
     rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, subspace ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
     rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
                                Setting("drifted + conditional steering", edits=[conditional]),
                                Setting("drifted + ICV", edits=[icv_edit]),
                                Setting("drifted-hdr checkpoint", model=out / "drifted-hdr"),
-                               Setting("drifted + SafeInfer", unsafe=H, amplify=amp)], **kw)
+                               Setting("drifted + SafeInfer amplification", amplify=amp),
+                               Setting("drifted + SafeInfer (amplification + guided)", unsafe=H, amplify=amp)], **kw)
     lap("evaluation")
     rows = {**rep_a.rows, **rep_d.rows}
     from steering.evaluate import Report
@@ -112,11 +118,13 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     lines = ["# steering main job", "",
              f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
              org.table(), "",
-             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy; substring judge)",
+             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, 12 new tokens; substring judge)",
              "", report.table(), "", "![report](report.png)", "",
              f"- Refusal direction: layer {layer}, position {pos}; ablated subspace of rank {ablation.rank} "
              f"(selection heat map: selection.png). Baked checkpoint: `{out / 'aligned-ablated'}`.",
-             f"- HDR: λ = {HDR_SCALE:g}, top-k {HDR_TOP_K:g}; checkpoint `{out / 'drifted-hdr'}`.",
+             f"- Refusal direction added to drifted: scale {ADD_SCALE:g}, positions {ADD_POSITIONS}; conditional: scale "
+             f"{COND_SCALE:g}, positions {COND_POSITIONS}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
+             f"- HDR: λ = {HDR_SCALE:g}, global top {HDR_TOP_K:g} of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
              f"- SafeInfer: amplification at layer {amp_layer}'s MLP output, scale {AMPLIFY_SCALE:g}; guided decoding "
              f"against `harmful`, γ = 99.", "- KL and CE: against the unedited model of each block of rows.", "",
              "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())

@@ -182,6 +182,7 @@ class TaskVector:
             try:
                 for n in self.names:
                     w.write(n, self.get(n).to(dtype))
+                    release_memory()
             finally:
                 w.close()
         atomic_write(path, write)
