@@ -174,7 +174,8 @@ def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str],
     total, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
         ps, cs = list(prompts[i:i + batch_size]), list(completions[i:i + batch_size])
-        n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in ps]
+        # counted as encode() tokenises (it adds special tokens only when there is no chat template)
+        n_prompt = [len(tok(p, add_special_tokens=not m.has_chat_template)["input_ids"]) for p in ps]
         batch = m.encode([p + c for p, c in zip(ps, cs)], padding_side="right")
         logp = torch.log_softmax(m.hf(**batch, use_cache=False).logits.float(), -1)
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -305,8 +305,10 @@ def check_output(out: str | os.PathLike, sources: Iterable[str | os.PathLike] = 
     out = Path(out).expanduser().resolve()
     for src in sources:
         s = Path(src).expanduser().resolve()
-        if out == s or s in out.parents or (s.is_file() and out == s.parent):
+        if out == s or s in out.parents:
             raise ValueError(f"{out}: the output is inside the source {s}; write somewhere else")
+        if out in s.parents:  # replacing the output folder would delete the source
+            raise ValueError(f"{out}: the output folder holds the source {s}; write somewhere else")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
     return out

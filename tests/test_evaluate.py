@@ -67,3 +67,34 @@ def test_cli_eval_writes_the_report(model, tmp_path, capsys):
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["rows"]
     assert rows["m"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the same weights, loaded again
     assert isinstance(Report(rows).table(), str)
+
+
+def test_cross_entropy_counts_only_completion_tokens_without_a_chat_template(model):
+    """Without a chat template encode() adds BOS; the prompt/completion boundary must account for it."""
+    from steering.evaluate import _cross_entropy
+
+    plain = st.load(model.hf, model.tokenizer)
+    tok = copy_without_template(model.tokenizer)
+    m = st.load(model.hf, tok)
+    assert not m.has_chat_template
+    p, c = "Hello there", " friend"
+    ids = m.encode([p + c], padding_side="right")["input_ids"][0]
+    with torch.no_grad():
+        logp = torch.log_softmax(m.hf(input_ids=ids[None]).logits.float(), -1)[0]
+    n_c = len(tok(c, add_special_tokens=False)["input_ids"])
+    want = -float(logp[len(ids) - n_c - 1:len(ids) - 1].gather(-1, ids[-n_c:, None]).sum()) / n_c
+    assert _cross_entropy(m, [p], [c], 1) == pytest.approx(want, rel=1e-5)
+    assert plain.has_chat_template
+
+
+def copy_without_template(tok):
+    """The tokenizer without a chat template, adding BOS as most base models' tokenizers do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    t._tokenizer.post_processor = TemplateProcessing(single=f"{t.bos_token} $A", special_tokens=[(t.bos_token, t.bos_token_id)])
+    assert t("Hi")["input_ids"][0] == t.bos_token_id
+    return t

@@ -293,3 +293,13 @@ def test_streamed_hdr_memory_stays_near_a_few_tensors(tmp_path):
     before, peak = map(int, done.stdout.split())
     assert Checkpoint(tmp_path / "out").nbytes > 200 * 2**20
     assert peak - before <= 16 * 4 * 2**20, f"peak RSS grew {(peak - before) / 2**20:.0f} MB during the edit"
+
+
+def test_output_that_holds_a_source_is_refused(pair, tmp_path):
+    """Replacing a folder that holds an input (here the task vector file) would delete the input."""
+    base, ft = pair
+    (tmp_path / "runs").mkdir()
+    path = TaskVector.between(base, ft).save(tmp_path / "runs" / "tau.safetensors")
+    with pytest.raises(ValueError, match="holds the source"):
+        apply(base, TaskVector.load(path), tmp_path / "runs", overwrite=True)
+    assert path.is_file()
