@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_hdr)
 
-    c = sub.add_parser("run", help="Carry out a YAML recipe: task vectors, TIES, HDR and baked edits into one checkpoint.")
+    c = sub.add_parser("run", help="Carry out a YAML recipe: weight edits into one checkpoint (steps:), or an evaluation (settings:).")
     c.add_argument("recipe", help="a YAML recipe (see steering.recipe)")
     c.add_argument("--out", help="output folder (default: the recipe's out)")
     c.add_argument("--overwrite", action="store_true")

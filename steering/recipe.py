@@ -23,6 +23,10 @@ Weight-space steps (task arithmetic, TIES, HDR) are deltas: their sum is added t
 weights in one streamed pass, tensor by tensor (no model in memory). ``bake`` steps need the
 model's structure, so a recipe with them loads the model, adds the weight deltas, bakes the edits
 in order, and writes through the same writer. Unknown keys are errors, named with their path.
+
+An *evaluation* recipe has ``settings:`` instead of ``steps:`` (:class:`EvalRecipe`): the same
+``steering run`` evaluates the settings side by side with :func:`steering.evaluate.evaluate` and
+writes the report to ``out``.
 """
 
 from __future__ import annotations
@@ -146,28 +150,44 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise ValueError(f"{path}: {where}: {err['msg']}") from None
+        return _validate(cls, path, _read_yaml(path))
 
 
-def run(recipe: Recipe | str | os.PathLike, *, out: str | None = None, overwrite: bool | None = None,
+def _read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such recipe file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _validate(cls: type[BaseModel], path: str | os.PathLike, data: Any) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ValueError(f"{path}: {where}: {err['msg']}") from None
+
+
+def load_recipe(path: str | os.PathLike) -> "Recipe | EvalRecipe":
+    """A weight-edit recipe (``steps:``) or an evaluation recipe (``settings:``)."""
+    data = _read_yaml(path)
+    kind = EvalRecipe if isinstance(data, dict) and "settings" in data else Recipe
+    return _validate(kind, path, data)
+
+
+def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = None, overwrite: bool | None = None,
         progress: bool = True) -> Path:
-    """Carry out a recipe; returns the output folder."""
+    """Carry out a recipe (either kind); returns the output folder."""
     from .taskvec import apply
 
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.from_yaml(recipe)
+    if not isinstance(recipe, (Recipe, EvalRecipe)):
+        recipe = load_recipe(recipe)
+    if isinstance(recipe, EvalRecipe):
+        return recipe.run(out=out, progress=progress)
     out = out or recipe.out
     overwrite = recipe.overwrite if overwrite is None else overwrite
     model = resolve(recipe.model)
@@ -209,3 +229,144 @@ def _with_bakes(model_path: str, delta: TaskVector | None, bakes: list[str], out
     for e in edits:
         m = e.bake(m)
     return write_hf(m, out, prov, overwrite=overwrite, sources=sources, progress=progress)
+
+
+# --- evaluation recipes ----------------------------------------------------------------------------
+class RefusalAblation(_Strict):
+    """Derive a refusal-direction ablation on the recipe's model: difference in means, selection,
+    and (``subspace``) a greedily grown low-rank subspace, as ``steering extract`` / ``select``."""
+
+    harmful: str = "harmful:train"
+    harmless: str = "harmless:train"
+    n: int = 128
+    positions: str = "post_instruction"
+    n_val: int = 32
+    kl_threshold: float = 0.1
+    subspace: bool = False
+    max_rank: int = 8
+
+
+class IcvSpec(_Strict):
+    """Safety Arithmetic's in-context safety vector from ``n`` harmful train questions."""
+
+    n: int = 32
+    beta: float = 0.1
+
+
+class EditSpec(_Strict):
+    file: str | None = None
+    refusal_ablation: RefusalAblation | None = None
+    icv: IcvSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "EditSpec":
+        if sum(x is not None for x in (self.file, self.refusal_ablation, self.icv)) != 1:
+            raise ValueError("an edit is exactly one of file, refusal_ablation, icv")
+        return self
+
+    def build(self, model: Any) -> Any:
+        from . import datasets
+        from .edits import ICVInjection, load_edit
+
+        if self.file is not None:
+            return load_edit(self.file)
+        if self.icv is not None:
+            from .extract import icv, icv_pairs
+
+            return ICVInjection(icv(model, icv_pairs(datasets.load("harmful:train", limit=self.icv.n))), self.icv.beta)
+        from .extract import diff_in_means
+        from .select import select_direction, select_subspace
+
+        r = self.refusal_ablation
+        cands = diff_in_means(model, datasets.load(r.harmful, limit=r.n), datasets.load(r.harmless, limit=r.n),
+                              positions=r.positions)
+        val = [datasets.load(f"{k}:val", limit=r.n_val) for k in ("harmful", "harmless")]
+        sel = select_direction(model, cands, *val, kl_threshold=r.kl_threshold, progress=False)
+        if not r.subspace:
+            return sel.ablation()
+        return select_subspace(model, sel, *val, kl_threshold=r.kl_threshold, max_rank=r.max_rank).ablation()
+
+
+class SafeInferSpec(_Strict):
+    unsafe: str | None = None
+    amplify_layer: int | None = None
+    amplify_scale: float = 1.5
+    gamma: float = 99.0
+
+
+class ModelSpec(_Strict):
+    """Another model for a setting: a folder, or the output of a weight-edit recipe (run first if
+    its output does not exist yet)."""
+
+    path: str | None = None
+    recipe: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelSpec":
+        if (self.path is None) == (self.recipe is None):
+            raise ValueError("a setting's model is {path: DIR} or {recipe: FILE.yaml}")
+        return self
+
+    def resolve(self, progress: bool) -> str:
+        if self.path is not None:
+            return resolve(self.path)
+        r = Recipe.from_yaml(self.recipe)
+        if not Path(r.out).exists():
+            run(r, progress=progress)
+        return r.out
+
+
+class EvalSetting(_Strict):
+    name: str
+    model: ModelSpec | None = None
+    edits: list[EditSpec] = []
+    safeinfer: SafeInferSpec | None = None
+
+
+class EvalRecipe(_Strict):
+    """``steering run`` of an evaluation: a model, settings side by side, and where the report goes::
+
+        model: organism:aligned
+        out: experiments/results/recipe_refusal_direction
+        max_new_tokens: 12
+        settings:
+          - {name: aligned}
+          - name: subspace ablated
+            edits: [{refusal_ablation: {positions: "last:5", subspace: true, kl_threshold: 0.5}}]
+          - name: SafeInfer
+            safeinfer: {unsafe: organism:harmful, amplify_layer: 2, amplify_scale: 8}
+    """
+
+    model: str
+    out: str
+    settings: list[EvalSetting]
+    limit: int | None = None
+    n_utility: int = 128
+    max_new_tokens: int = 24
+    batch_size: int = 64
+
+    def run(self, out: str | None = None, progress: bool = True) -> Path:
+        from . import safeinfer
+        from .evaluate import Setting, evaluate
+        from .model import load
+
+        model = load(resolve(self.model))
+        settings = []
+        for s in self.settings:
+            other = load(s.model.resolve(progress)) if s.model is not None else None
+            target = other or model
+            edits = [e.build(target) for e in s.edits]
+            kw: dict[str, Any] = {}
+            if s.safeinfer is not None:
+                si = s.safeinfer
+                if si.amplify_scale:
+                    kw["amplify"] = safeinfer.amplifier(target, layer=si.amplify_layer, scale=si.amplify_scale)
+                if si.gamma and si.unsafe:
+                    kw.update(unsafe=load(resolve(si.unsafe)), gamma=si.gamma)
+            settings.append(Setting(s.name, model=other, edits=edits, **kw))
+        report = evaluate(model, settings, limit=self.limit, n_utility=self.n_utility, max_new_tokens=self.max_new_tokens,
+                          batch_size=self.batch_size, progress=progress)
+        report.meta["recipe"] = self.model_dump(exclude_none=True)
+        path = report.save(out or self.out)
+        print(report.table())
+        return path

@@ -123,6 +123,45 @@ def test_shipped_recipes_parse():
 
     recipes = sorted((Path(__file__).parents[1] / "experiments" / "recipes").glob("*.yaml"))
     assert recipes
+    from steering.recipe import EvalRecipe, load_recipe
+
+    kinds = set()
     for path in recipes:
-        r = Recipe.from_yaml(path)
-        assert r.model.startswith("organism:") and r.steps
+        r = load_recipe(path)
+        kinds.add(type(r))
+        assert r.model.startswith("organism:") and (r.settings if isinstance(r, EvalRecipe) else r.steps)
+    assert kinds == {Recipe, EvalRecipe}
+
+
+def test_evaluation_recipe_runs_settings_side_by_side(folders, tmp_path):
+    from steering.edits import Addition
+    from steering.vectors import SteeringVector
+
+    m = st.load(folders["target"])
+    Addition(SteeringVector({1: torch.randn(m.d_model)}), 3.0).save(tmp_path / "add.safetensors")
+    weights = tmp_path / "w.yaml"
+    weights.write_text(f"model: {folders['target']}\nout: {tmp_path / 'hdr'}\nsteps:\n"
+                       f"  - hdr: {{harm: {{base: {folders['base']}, finetuned: {folders['ft']}}}, scale: 0.5, top_k: 0.5}}\n")
+    recipe = tmp_path / "e.yaml"
+    recipe.write_text(f"""
+model: {folders['target']}
+out: {tmp_path / 'report'}
+limit: 3
+n_utility: 3
+max_new_tokens: 3
+settings:
+  - name: plain
+  - name: added
+    edits: [{{file: {tmp_path / 'add.safetensors'}}}]
+  - name: icv
+    edits: [{{icv: {{n: 4, beta: 0.5}}}}]
+  - name: hdr
+    model: {{recipe: {weights}}}
+  - name: safeinfer
+    safeinfer: {{unsafe: {folders['base']}, amplify_layer: 1, amplify_scale: 2}}
+""")
+    assert main(["run", str(recipe)]) == 0
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert list(rows) == ["plain", "added", "icv", "hdr", "safeinfer"]
+    assert rows["plain"]["kl"] == pytest.approx(0, abs=1e-6) and rows["added"]["kl"] > 0 and rows["hdr"]["kl"] > 0
+    assert (tmp_path / "hdr" / "model.safetensors.index.json").is_file()  # the weight recipe ran first
