@@ -98,3 +98,13 @@ def copy_without_template(tok):
     t._tokenizer.post_processor = TemplateProcessing(single=f"{t.bos_token} $A", special_tokens=[(t.bos_token, t.bos_token_id)])
     assert t("Hi")["input_ids"][0] == t.bos_token_id
     return t
+
+
+def test_plot_sweep_draws_curves(tmp_path):
+    from steering.evaluate import plot_sweep
+
+    pts = [{"scale": s, "harmful_refusal": s / 10, "kl": s * s} for s in (3, 1, 2)]
+    path = plot_sweep(pts, "scale", ["harmful_refusal", "kl"], tmp_path / "sweep.png", title="t")
+    assert path.stat().st_size > 1000
+    with pytest.raises(KeyError):
+        plot_sweep(pts, "scale", ["missing"], tmp_path / "x.png")
