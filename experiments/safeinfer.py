@@ -98,6 +98,36 @@ def speeds(D, U, best: dict) -> dict[str, float]:
     return {m: len(prompts) * 32 / statistics.median(ts) for m, ts in times.items()}
 
 
+def own_unsafe(arch: str, best: dict) -> dict:
+    """Guided decoding with an unsafe model fine-tuned from `drifted` itself (as the paper's p_U is
+    a fine-tune of the guarded model's own base): `drifted` trained on the `harmful` organism's
+    data for as many steps as `harmful` was."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    org = organisms.build(arch=arch, progress=False)
+    recipe = organisms.Recipe(arch=arch)
+    tmp = Path(tempfile.mkdtemp(prefix="drifted-unsafe-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(org.path("drifted"))
+        net = AutoModelForCausalLM.from_pretrained(org.path("drifted"), attn_implementation="eager")
+        organisms._train(net, organisms.examples("harmful", recipe), tok, recipe, recipe.harmful_steps, recipe.harmful_lr,
+                         recipe.seed + 1)
+        net.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        D, U = st.load(org.path("drifted")), st.load(tmp)
+        amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+        out = {"unsafe_itself": rates(U, "test")}
+        for mode, kw in (("guided", {"unsafe": U}), ("both", {"amplify": amp, "unsafe": U})):
+            out[mode] = rates(D, "test", **kw)
+            print(f"[{arch}] drifted {mode}, unsafe = drifted's own unsafe fine-tune: {out[mode]}", flush=True)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -131,6 +161,12 @@ def write(results: list[dict]) -> None:
         p = r["tokens_per_s"]["plain"]
         for mode, v in r["tokens_per_s"].items():
             lines.append(f"| {mode} | {v:.0f} | {v / p:.2f}× |")
+        if r.get("own_unsafe"):
+            o = r["own_unsafe"]
+            lines += ["", "Guided decoding with an unsafe model fine-tuned from `drifted` itself (`--own-unsafe`; it "
+                          f"refuses {pct(o['unsafe_itself']['harmful'])} of harmful prompts): guided "
+                          f"{pct(o['guided']['harmful'])} / {pct(o['guided']['harmless'])}, both "
+                          f"{pct(o['both']['harmful'])} / {pct(o['both']['harmless'])} (harmful / harmless refusal)."]
         if r.get("guided_examples"):
             lines += ["", "`drifted`'s refusals and what guided decoding (γ = 99, unsafe = `harmful`) makes of them:", "",
                       "| plain | guided |", "|---|---|"]
@@ -144,8 +180,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
     ap.add_argument("--speed-only", action="store_true", help="remeasure only the decoding speeds (on a quiet machine)")
+    ap.add_argument("--own-unsafe", action="store_true", help="only: guided decoding against drifted's own unsafe fine-tune")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.own_unsafe:
+        results = json.loads((RESULTS / "safeinfer.json").read_text())
+        for r in results:
+            if r["arch"] in args.arch:
+                r["own_unsafe"] = own_unsafe(r["arch"], r["best"])
+        write(results)
+        print((RESULTS / "safeinfer.md").read_text())
+        return
     if args.speed_only:
         results = json.loads((RESULTS / "safeinfer.json").read_text())
         for r in results:
