@@ -354,7 +354,7 @@ class EvalRecipe(_Strict):
         settings = []
         for s in self.settings:
             other = load(s.model.resolve(progress)) if s.model is not None else None
-            target = other or model
+            target = other if other is not None else model
             edits = [e.build(target) for e in s.edits]
             kw: dict[str, Any] = {}
             if s.safeinfer is not None:
