@@ -155,15 +155,19 @@ def _edit(setting: Setting) -> Edit | None:
 
 
 @torch.inference_mode()
-def _next_token_logprobs(m: Model, texts: Sequence[str], batch_size: int, guided: Any = None) -> Tensor:
+def _next_token_logprobs(m: Model, prompts: Sequence[str], batch_size: int, guided: Any = None) -> Tensor:
+    """Next-token log-probabilities after each prompt; with ``guided``, of the guided distribution."""
+    from .select import last_logprobs
+
+    if guided is None:
+        return last_logprobs(m, prompts, batch_size)
+    texts = m.format(prompts)
     out = []
     for i in range(0, len(texts), batch_size):
         batch = m.encode(texts[i:i + batch_size], padding_side="left")
-        logits = m.hf(**batch, use_cache=False).logits[:, -1].float()
-        if guided is not None:
-            guided.reset()
-            logits = guided(batch["input_ids"], logits)
-        out.append(torch.log_softmax(logits, -1))
+        guided.reset()
+        logits = guided(batch["input_ids"], m.hf(**batch, use_cache=False).logits[:, -1].float())
+        out.append(torch.log_softmax(logits, -1).cpu())
     return torch.cat(out)
 
 
@@ -200,6 +204,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     from . import datasets
     from .safeinfer import GuidedDecoding, check_same_tokenizer
     from .safeinfer import generate as si_generate
+    from .select import kl_div
 
     base = as_model(model)
     settings = list(settings or [Setting("plain")])
@@ -210,7 +215,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     prompts = {k: datasets.load(v, limit=limit) for k, v in sets.items()}
     u_prompts = datasets.load(utility_prompts, limit=n_utility) if isinstance(utility_prompts, str) else list(utility_prompts)[:n_utility]
     u_texts = base.format(u_prompts)
-    ref_logp = _next_token_logprobs(base, u_texts, batch_size)
+    ref_logp = _next_token_logprobs(base, u_prompts, batch_size)
     if references is None:
         references = base.generate(u_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     loaded: dict[str, Model] = {}
@@ -240,8 +245,8 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
         edit = _edit(s)
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
             guided = GuidedDecoding(unsafe, s.gamma, m._tok().pad_token_id) if unsafe is not None else None
-            logp = _next_token_logprobs(m, u_texts, batch_size, guided)
-            row["kl"] = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+            logp = _next_token_logprobs(m, u_prompts, batch_size, guided)
+            row["kl"] = kl_div(ref_logp, logp)
             row["ce"] = _cross_entropy(m, u_texts, references, batch_size)
         bar.update()
         rows[s.name] = row

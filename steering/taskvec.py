@@ -32,13 +32,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .weights import Checkpoint, ShardWriter, provenance_json, release_memory
+from .weights import Checkpoint, ShardWriter, numel, provenance_json, release_memory
 
 FORMAT = "steering.task_vector"
-
-
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape) if shape else 1
 
 
 class TaskVector:
@@ -70,7 +66,7 @@ class TaskVector:
 
     @property
     def numel(self) -> int:
-        return sum(_numel(s) for s in self.shapes.values())
+        return sum(numel(s) for s in self.shapes.values())
 
     def __repr__(self) -> str:
         return f"TaskVector({self.provenance.get('method', '?')}, {len(self.names)} tensors, {self.numel} values)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -41,6 +42,11 @@ CODES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20
+
+
+def numel(shape: Iterable[int]) -> int:
+    """Number of entries of a tensor of ``shape`` (1 for a scalar)."""
+    return math.prod(shape)
 
 
 def _libc_trim() -> Callable[[], Any]:
@@ -93,10 +99,7 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}") from None
             if code not in DTYPES:
                 raise ValueError(f"{self.path}: tensor {name!r} has dtype {code}, which steering does not read")
-            numel = 1
-            for s in shape:
-                numel *= s
-            if e_ - b != numel * DTYPES[code].itemsize or b < 0:
+            if e_ - b != numel(shape) * DTYPES[code].itemsize or b < 0:
                 raise ValueError(f"{self.path}: corrupt safetensors header (tensor {name!r}: offsets do not match its shape)")
             self.entries[name] = (code, shape, b, e_)
             end = max(end, e_)
@@ -198,10 +201,7 @@ class Checkpoint:
         return self.file(name).shape(name)
 
     def numel(self, name: str) -> int:
-        n = 1
-        for s in self.shape(name):
-            n *= s
-        return n
+        return numel(self.shape(name))
 
     def get(self, name: str) -> torch.Tensor:
         return self.file(name).get(name)
@@ -259,10 +259,7 @@ class ShardWriter:
         for name, dtype, shape in self.layout:
             if dtype not in CODES:
                 raise ValueError(f"{name}: dtype {dtype} cannot be written to safetensors")
-            numel = 1
-            for s in shape:
-                numel *= s
-            n = numel * dtype.itemsize
+            n = numel(shape) * dtype.itemsize
             header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -384,7 +381,7 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                     bar.update()
             finally:
                 w.close()
-            total += sum(dtype.itemsize * _numel(shape) for _, dtype, shape in layout)
+            total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
         if (source.folder / INDEX).is_file() or len(shards) > 1:
             weight_map = dict(source.where)
             weight_map.update({n: shards[-1] for n in extra})
@@ -396,11 +393,4 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
         model_card(tmp, blob, str(provenance.get("base_model", source.path)))
     bar.close()
     return out
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
