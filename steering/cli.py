@@ -140,6 +140,16 @@ def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
 
 
+def _safeinfer_parts(m, args: argparse.Namespace):
+    """(amplification edit or None, unsafe model path or None) from the SafeInfer arguments."""
+    from steering import safeinfer
+
+    if args.gamma and not args.unsafe_model:
+        raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
+    amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
+    return amp, (args.unsafe_model if args.gamma else None)
+
+
 def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
     """Plain, edited, or SafeInfer generation, as the arguments say."""
     import contextlib
@@ -151,10 +161,8 @@ def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
             raise ValueError("--unsafe-model / --amplify-layer need --safeinfer")
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
             return m.generate(prompts, **kw)
-    if args.gamma and not args.unsafe_model:
-        raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
-    amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
-    return safeinfer.generate(m, prompts, unsafe=args.unsafe_model if args.gamma else None, amplify=amp,
+    amp, unsafe = _safeinfer_parts(m, args)
+    return safeinfer.generate(m, prompts, unsafe=unsafe, amplify=amp,
                               edits=[edit] if edit is not None else [], gamma=args.gamma, **kw)
 
 
@@ -205,7 +213,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import steering as st
-    from steering import safeinfer
     from steering.edits import load_edit
     from steering.evaluate import Setting, evaluate
 
@@ -214,10 +221,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings += [Setting(Path(p).stem, edits=[load_edit(p)]) for p in args.edit or []]
     settings += [Setting(Path(p).name, model=p) for p in args.compare or []]
     if args.safeinfer:
-        if args.gamma and not args.unsafe_model:
-            raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
-        amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
-        settings.append(Setting("safeinfer", unsafe=args.unsafe_model if args.gamma else None, amplify=amp, gamma=args.gamma))
+        amp, unsafe = _safeinfer_parts(m, args)
+        settings.append(Setting("safeinfer", unsafe=unsafe, amplify=amp, gamma=args.gamma))
     report = evaluate(m, settings, limit=args.limit, n_utility=args.n_utility, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size)
     out = report.save(args.out)

@@ -228,9 +228,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
         if s.unsafe is not None:
             key = str(s.unsafe) if isinstance(s.unsafe, (str, os.PathLike)) else str(id(s.unsafe))
             if key not in unsafe_cache:
-                from .model import load
-
-                unsafe_cache[key] = load(str(s.unsafe)) if isinstance(s.unsafe, (str, os.PathLike)) else as_model(s.unsafe)
+                unsafe_cache[key] = as_model(s.unsafe)
             unsafe = unsafe_cache[key]
             check_same_tokenizer(m, unsafe)
         row: dict[str, float] = {}

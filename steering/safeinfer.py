@@ -173,12 +173,11 @@ def generate(model: Any, prompts: Sequence[str], *, unsafe: Any = None, amplify:
     any other ``edits``. With neither, it is plain generation."""
     import contextlib
 
-    from .model import load
 
     sm = as_model(model)
     processors = list(gen_kwargs.pop("logits_processor", None) or [])
     if unsafe is not None:
-        um = unsafe if isinstance(unsafe, Model) else load(unsafe) if isinstance(unsafe, str) else as_model(unsafe)
+        um = as_model(unsafe)  # a Model, an HF model, a folder or a hub name
         check_same_tokenizer(sm, um)
         processors.append(GuidedDecoding(um, gamma, sm._tok().pad_token_id))
     all_edits = [e for e in (*edits, amplify) if e is not None]
