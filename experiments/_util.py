@@ -29,3 +29,49 @@ def previous(path: Path, rerun: list[str]) -> list[dict]:
 def add(results: list[dict], r: dict) -> None:
     results.append(r)
     results.sort(key=lambda x: ARCH_ORDER.index(x["arch"]))
+
+
+def machine() -> str:
+    """CPU model, cores, RAM, Python and torch versions: the line every benchmark table starts with."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem = next((int(l.split()[1]) // 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, Python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+
+
+BENCHMARKS = ROOT / "experiments" / "results" / "BENCHMARKS.md"
+BENCH_ORDER = ["decode", "record", "stream", "safeinfer"]
+_BENCH_HEAD = """# Benchmarks
+
+Written by the `experiments/bench_*.py` scripts, each of which replaces its own section (so the
+sections may come from different runs; each names its command and machine). Every ratio is
+measured side by side in one run; medians of interleaved repeats. Rival tools:
+`pip install -e ".[bench]"` (nnsight, mergekit). What the numbers mean, where targets are missed
+and why: README, "Benchmarks".
+
+Floors, by benchmark:
+1. Decoding: plain Hugging Face `generate` on the same model, inputs and cache settings.
+2. Recording: the same batches through the model with nothing attached.
+3. Streaming edits: `cat` of the inputs to /dev/null plus a `cat` copy of one checkpoint, i.e.
+   every input byte read once and every output byte written once, through a warm page cache
+   (the inputs fit in RAM, so this is memory bandwidth, not disk). A row "bare torch +
+   safetensors" gives the least a Python tool that does float32 arithmetic can do.
+4. SafeInfer: guided decoding needs the unsafe model's forward pass at every step, so its floor
+   is plain decoding of both models one after the other.
+"""
+
+
+def bench_section(key: str, title: str, body: str) -> None:
+    """Replace benchmark ``key``'s section of experiments/results/BENCHMARKS.md (sections in BENCH_ORDER)."""
+    import re
+
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else _BENCH_HEAD
+    sections = dict(re.findall(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n", text, flags=re.S))
+    sections[key] = f"## {title}\n\n{body.rstrip()}\n\n"
+    out = _BENCH_HEAD + "".join(f"\n<!-- bench:{k} -->\n{sections[k]}<!-- /bench:{k} -->\n" for k in BENCH_ORDER if k in sections)
+    BENCHMARKS.write_text(out)

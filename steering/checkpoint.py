@@ -139,3 +139,101 @@ def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     if "steering" not in meta:
         raise ValueError(f"{shards[0]}: no steering provenance in its metadata")
     return json.loads(meta["steering"])
+
+
+# --- orthogonalisation streamed through the writer -------------------------------------------------
+class NotStreamable(ValueError):
+    """The checkpoint's tensor names are not the model's (e.g. MoE experts stored one by one,
+    which transformers fuses on load): load the model and bake it instead."""
+
+
+_CHUNK = 2**22  # elements of float32/float64 work per piece (16–32 MB)
+
+
+def _in_pieces(t: torch.Tensor, dim: int, fn: Any) -> torch.Tensor:
+    """``fn`` applied to slices of ``t`` along ``dim`` (on which it acts independently), so the
+    float work never holds more than about ``_CHUNK`` elements at once."""
+    step = max(1, _CHUNK * t.shape[dim] // max(1, t.numel()))
+    if step >= t.shape[dim]:
+        return fn(t)
+    out = torch.empty_like(t)
+    for i in range(0, t.shape[dim], step):
+        out.narrow(dim, i, min(step, t.shape[dim] - i)).copy_(fn(t.narrow(dim, i, min(step, t.shape[dim] - i))))
+    return out
+
+
+def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                         provenance: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
+                         progress: bool = False) -> Path:
+    """Orthogonalise the checkpoint folder ``source`` against ``edit`` (an :class:`~steering.edits.Ablation`)
+    one tensor at a time, without loading the model: what ``edit.bake(model)`` followed by
+    :func:`write_hf` gives, at the memory of one tensor.
+
+    The tensors to edit are found on a model built from the config on the meta device (no
+    weights), through the same architecture map the in-memory bake uses. A tied unembedding is
+    untied: the original embedding is written as the head and the config says so. Refuses, naming
+    the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import ArchitectureError
+    from .edits import ABLATION_SITES, Ablation, _project_out, _project_rows
+
+    if not isinstance(edit, Ablation):
+        raise TypeError(f"bake_ablation_stream: expected an Ablation edit, got {type(edit).__name__}")
+    if edit.layers is not None or set(edit.sites) != set(ABLATION_SITES):
+        raise ValueError("bake_ablation_stream: only the full ablation (every layer, every site) has an exact weight form")
+    ck = Checkpoint(source)
+    if ck.folder is None:
+        raise ValueError(f"{source}: a streamed bake needs a model folder, not one file")
+    cfg = AutoConfig.from_pretrained(ck.folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    sm = Model(hf, None)
+    if sm.map.spec.post_norm:
+        raise ArchitectureError(f"{sm.map.spec.name}: sublayer outputs are normalised before they join the residual "
+                                "stream, so no weight edit removes a direction exactly; use Ablation.hooks(model) instead")
+    if edit.basis.shape[1] != sm.d_model:
+        raise ValueError(f"ablation basis has d={edit.basis.shape[1]}, {ck.folder} has d_model={sm.d_model}")
+    qual = {id(m): n for n, m in hf.named_modules()}
+
+    def name_of(owner: nn.Module, attr: str) -> str:
+        return f"{qual[id(owner)]}.{attr}" if qual[id(owner)] else attr
+
+    plan: dict[str, tuple[str, str]] = {}  # tensor -> (how, layout)
+    for piece in ("embed", "pos_embed"):
+        if getattr(sm.map.spec, piece):
+            plan[name_of(sm.map.module(piece), "weight")] = ("rows", "")
+    for layer in range(sm.n_layers):
+        for which in ("attn", "mlp"):
+            for owner, attr, layout in sm.map.write_weights(layer, which):
+                plan[name_of(owner, attr)] = ("out", layout)
+                if attr == "weight" and isinstance(getattr(owner, "bias", None), torch.Tensor):
+                    plan[name_of(owner, "bias")] = ("rows", "")
+    for n in plan:
+        if n not in ck:
+            raise NotStreamable(f"{n}: the model built from {ck.folder / 'config.json'} has this tensor but the checkpoint "
+                             "does not (its names differ); load the model and bake it instead")
+    extra: dict[str, torch.Tensor] = {}
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head_name, emb_name = name_of(head, "weight"), name_of(emb, "weight")
+        if head_name not in ck:  # tied: the head keeps the unedited embedding
+            extra[head_name] = ck.get(emb_name)
+            cfg.tie_word_embeddings = False
+            if hasattr(cfg, "get_text_config"):
+                cfg.get_text_config().tie_word_embeddings = False
+    q = edit.basis.detach().cpu()
+
+    def tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+        how, layout = plan.get(name, ("", ""))
+        if how == "rows":
+            return _in_pieces(t, 0, lambda w: _project_rows(w.reshape(-1, w.shape[-1]), q).reshape(w.shape))
+        if how == "out":  # every layout acts independently along one axis: columns of [d, in], rows of [in, d]
+            dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
+            return _in_pieces(t, dim, lambda w: _project_out(w, q, layout))
+        return t
+
+    prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),
+            "base_sha256": ck.fingerprint(), **dict(edit.meta), **(provenance or {})}
+    return write_checkpoint(ck, out, tensor, prov, overwrite=overwrite, extra=extra,
+                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress)

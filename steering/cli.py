@@ -101,12 +101,24 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import steering as st
-    from steering.checkpoint import write_hf
+    from steering.checkpoint import NotStreamable, bake_ablation_stream, write_hf
+    from steering.edits import Ablation
 
     if args.format == "peft" and len(args.edit) != 1:
         raise ValueError("--format peft takes exactly one --edit (an ablation)")
     edit = _load_edits(args.edit)
+    if args.format == "hf" and isinstance(edit, Ablation) and Path(args.model).is_dir() and not args.in_memory:
+        # A local folder is orthogonalised tensor by tensor: the memory of one tensor, not the model.
+        try:
+            out = bake_ablation_stream(edit, args.model, args.out, overwrite=args.overwrite, progress=True,
+                                       provenance={"edits": ",".join(args.edit)}, trust_remote_code=args.trust_remote_code)
+            print(f"baked (streamed) -> {out}")
+            return 0
+        except NotStreamable as e:
+            print(f"cannot stream ({e}); loading the model", file=sys.stderr)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     if args.format == "peft":
         from steering.export import to_peft
@@ -292,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--edit", action="append", required=True, help="an edit file (repeatable)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--format", choices=("hf", "peft"), default="hf")
+    c.add_argument("--in-memory", action="store_true",
+                   help="load the model to bake an ablation (by default a local folder is streamed tensor by tensor)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_bake)
 

@@ -53,7 +53,7 @@ class TaskVector:
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
-        """The delta of tensor ``name`` (float32)."""
+        """The delta of tensor ``name`` (float32): a fresh tensor, which the caller may change in place."""
         if name not in self.shapes:
             raise KeyError(f"task vector has no tensor {name!r}")
         return self._get(name)
@@ -223,7 +223,8 @@ class _Diff(TaskVector):
                      "base_sha256": base.fingerprint(), "finetuned_sha256": ft.fingerprint()})
 
     def _get(self, name: str) -> torch.Tensor:
-        return self.ft.get(name).float() - self.base.get(name).float()
+        d = self.ft.get(name).float()  # in place from here: one float32 tensor, not three
+        return d.sub_(self.base.get(name))
 
     def sources(self) -> list[Path]:
         return [self.base.path, self.ft.path]
@@ -267,8 +268,9 @@ class _Sum(TaskVector):
             if name not in v:
                 continue
             t = v.get(name)
-            t = t if c == 1.0 else c * t
-            out = t if out is None else out + t
+            if c != 1.0:
+                t.mul_(c)
+            out = t if out is None else out.add_(t)
         return out
 
     def sources(self) -> list[Path]:
@@ -285,20 +287,30 @@ class _Dare(TaskVector):
         if self.p == 0.0:
             return t
         g = torch.Generator().manual_seed(self.seed ^ int(hashlib.sha256(name.encode()).hexdigest()[:12], 16))
-        keep = torch.rand(t.shape, generator=g) >= self.p
-        return torch.where(keep, t / (1.0 - self.p), torch.zeros((), dtype=t.dtype))
+        drop = torch.rand(t.shape, generator=g) < self.p
+        return t.div_(1.0 - self.p).masked_fill_(drop, 0.0)
 
     def sources(self) -> list[Path]:
         return self.inner.sources()
 
 
 # --- exact top-k, one tensor at a time ----------------------------------------------------
+_PIECE = 2**23  # entries per piece of the top-k passes: their temporaries stay near 32 MB each
+
+
 def _bits(t: torch.Tensor, name: str) -> torch.Tensor:
     """|t| as int32 bit patterns (monotone in |t| for non-negative floats)."""
     a = t.reshape(-1).float().abs()
     if torch.isnan(a).any():
         raise ValueError(f"{name}: the task vector has NaN entries")
     return a.view(torch.int32)
+
+
+def _pieces(t: torch.Tensor, name: str) -> Iterable[torch.Tensor]:
+    """``_bits`` of ``t`` in consecutive pieces of the flattened tensor."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _PIECE):
+        yield _bits(flat[i:i + _PIECE], name)
 
 
 class Threshold:
@@ -315,16 +327,16 @@ class Threshold:
             return
         hi = torch.zeros(2**15, dtype=torch.int64)
         for n in names:  # pass 1: histogram of the top 15 value bits
-            hi += torch.bincount(_bits(get(n), n) >> 16, minlength=2**15)
+            for bits in _pieces(get(n), n):
+                hi += torch.bincount(bits >> 16, minlength=2**15)
             release_memory()
         above_hi = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0])  # count with hi-bin ≥ b
         b = int((above_hi >= k).nonzero().max())
         n_above_bin = int(above_hi[b] - hi[b])
         lo = torch.zeros(2**16, dtype=torch.int64)
         for n in names:  # pass 2: histogram of the low 16 bits inside bin b
-            bits = _bits(get(n), n)
-            lo += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=2**16)
-            del bits
+            for bits in _pieces(get(n), n):
+                lo += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=2**16)
             release_memory()
         above_lo = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0]) + n_above_bin
         low = int((above_lo >= k).nonzero().max())
@@ -338,16 +350,19 @@ class Threshold:
         for n in names:
             self.ties_before[n] = run
             if self.keep_ties < int(lo[low]):
-                run += int((_bits(get(n), n) == self.value_bits).sum())
+                run += sum(int((bits == self.value_bits).sum()) for bits in _pieces(get(n), n))
                 release_memory()
 
     def mask(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        bits = _bits(t, name)
-        keep = bits > self.value_bits
-        if self.k:
-            ties = (bits == self.value_bits).nonzero().squeeze(1)
-            room = max(0, min(len(ties), self.keep_ties - self.ties_before[name]))
-            keep[ties[:room]] = True
+        keep = torch.empty(t.numel(), dtype=torch.bool)  # filled piece by piece: no concatenated copy
+        ties = []
+        for i, bits in enumerate(_pieces(t, name)):
+            torch.gt(bits, self.value_bits, out=keep[i * _PIECE:i * _PIECE + bits.numel()])
+            if self.k:
+                ties.append((bits == self.value_bits).nonzero().squeeze(1) + i * _PIECE)
+        if ties:
+            tie_idx = torch.cat(ties)
+            keep[tie_idx[:max(0, min(len(tie_idx), self.keep_ties - self.ties_before[name]))]] = True
         return keep.reshape(t.shape)
 
 
@@ -373,7 +388,7 @@ class _TopK(TaskVector):
             th = self.threshold()
         else:
             th = Threshold(lambda _: t, [name], self.k_of(t.numel()))
-        return torch.where(th.mask(name, t), t, torch.zeros((), dtype=t.dtype))
+        return t.masked_fill_(th.mask(name, t).logical_not_(), 0.0)
 
     def sources(self) -> list[Path]:
         return self.inner.sources()
@@ -437,7 +452,7 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
     v = vector if scale == 1.0 else scale * vector
 
     def edit(name: str, t: torch.Tensor) -> torch.Tensor:
-        return (t.float() + v.get(name)).to(t.dtype) if name in v else t
+        return v.get(name).add_(t).to(t.dtype) if name in v else t  # = t.float() + v, without a third float32 copy
 
     prov = {"method": "task_arithmetic", "target": str(tgt.path), "target_sha256": tgt.fingerprint(),
             "scale": scale, "vector": vector.provenance, **(provenance or {})}

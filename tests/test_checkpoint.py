@@ -82,3 +82,45 @@ def test_bake_of_a_sharded_folder_keeps_its_shards_and_dtype(family, tmp_path):
     torch.testing.assert_close(again.forward(texts), baked.forward(texts), rtol=0, atol=0)
     assert read_provenance(out)["method"] == "ablation+addition"
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "qwen2", "gpt_neox"])
+def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, tmp_path):
+    """``bake_ablation_stream`` edits a folder tensor by tensor (the model is never loaded) and
+    writes what ``Ablation.bake`` + ``write_hf`` write: same tensors (bf16, sharded), same logits,
+    a tied unembedding untied in the config; refuses what the in-memory bake refuses."""
+    from safetensors.torch import load_file
+
+    from steering.checkpoint import bake_ablation_stream
+    from steering.cli import main
+
+    src = tmp_path / "src"
+    m0 = st.testing.tiny_model(family)
+    m0.hf.to(torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
+    m0.tokenizer.save_pretrained(src)
+    m = st.load(src)
+    edit = Ablation(torch.randn(2, m.d_model))
+    if m.map.spec.post_norm:
+        with pytest.raises(Exception, match="normalised"):
+            bake_ablation_stream(edit, src, tmp_path / "streamed")
+        return
+    want = write_hf(edit.bake(m), tmp_path / "memory", {"method": "bake"})
+    edit.save(tmp_path / "abl.safetensors")
+    assert main(["bake", str(src), "--edit", str(tmp_path / "abl.safetensors"), "--out", str(tmp_path / "streamed")]) == 0
+    got = tmp_path / "streamed"
+    tensors = lambda d: {k: v for p in sorted(d.glob("*.safetensors")) for k, v in load_file(p).items()}  # noqa: E731
+    a, b = tensors(want), tensors(got)
+    assert set(a) == set(b) and any(not torch.equal(b[k], v) for k, v in tensors(src).items())
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=0, atol=0, msg=k)
+    texts = m.format(PROMPTS)
+    with edit.hooks(m):
+        hooked = m.forward(texts)
+    torch.testing.assert_close(st.load(got).forward(texts).float(), st.load(want).forward(texts).float(), rtol=0, atol=0)
+    assert (st.load(got).forward(texts).float() - hooked.float()).abs().max() < 0.1  # bf16 weights vs hooks
+    assert read_provenance(got).get("stream", False) is (family != "mixtral")  # MoE experts are stored unfused: it falls back
+    if family == "mixtral":
+        with pytest.raises(ValueError, match="experts.*names differ"):
+            bake_ablation_stream(edit, src, tmp_path / "x")
+    with pytest.raises(ValueError, match="every layer"):
+        bake_ablation_stream(Ablation(torch.randn(1, m.d_model), layers=(0,)), src, tmp_path / "x")
