@@ -75,3 +75,19 @@ def bench_section(key: str, title: str, body: str) -> None:
     sections[key] = f"## {title}\n\n{body.rstrip()}\n\n"
     out = _BENCH_HEAD + "".join(f"\n<!-- bench:{k} -->\n{sections[k]}<!-- /bench:{k} -->\n" for k in BENCH_ORDER if k in sections)
     BENCHMARKS.write_text(out)
+
+
+def interleaved(jobs: dict, repeats: int, verbose: bool = False) -> dict:
+    """Wall seconds of each of ``jobs`` (key -> no-argument callable), ``repeats`` times, in
+    alternating forward and reverse order, so that drifting load on the machine hits them alike."""
+    import time
+
+    times: dict = {k: [] for k in jobs}
+    for rep in range(repeats):
+        for k in (list(jobs) if rep % 2 == 0 else list(jobs)[::-1]):
+            t0 = time.perf_counter()
+            jobs[k]()
+            times[k].append(time.perf_counter() - t0)
+            if verbose:
+                print(f"[{rep + 1}/{repeats}] {k}: {times[k][-1]:.2f} s", flush=True)
+    return times

@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ RESULTS = ROOT / "experiments" / "results"
 
 import torch  # noqa: E402
 
-from _util import bench_section, machine  # noqa: E402
+from _util import bench_section, interleaved, machine  # noqa: E402
 
 SHAPE = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2816, num_attention_heads=12,
              num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -112,12 +111,7 @@ def main() -> None:
                 got = run(t, e, batch)
                 if not torch.equal(got, want[e]):
                     raise SystemExit(f"{t} with edit {e} at batch {bs} does not reproduce steering's tokens")
-            times: dict[tuple, list[float]] = {c: [] for c in cases}
-            for rep in range(args.repeats):
-                for c in cases if rep % 2 == 0 else cases[::-1]:
-                    t0 = time.perf_counter()
-                    run(*c, batch)
-                    times[c].append(time.perf_counter() - t0)
+            times = interleaved({c: (lambda c=c: run(*c, batch)) for c in cases}, args.repeats)
         plain = statistics.median(times[("steering", None)])
         for (t, e), ts in times.items():
             med = statistics.median(ts)

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ RESULTS = ROOT / "experiments" / "results"
 
 import torch  # noqa: E402
 
-from _util import bench_section, machine  # noqa: E402
+from _util import bench_section, interleaved, machine  # noqa: E402
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -168,13 +167,7 @@ def main() -> None:
             raise SystemExit(f"{name}'s means differ from the hidden states by {err}")
     jobs = {"bare forward": lambda: bare(m, texts), "steering.record": lambda: ours(m, raw),
             "TransformerBridge run_with_cache": lambda: bridge_means(bridge, m, texts)}
-    times: dict[str, list[float]] = {k: [] for k in jobs}
-    for rep in range(args.repeats):
-        for k in (list(jobs) if rep % 2 == 0 else list(jobs)[::-1]):
-            t0 = time.perf_counter()
-            jobs[k]()
-            times[k].append(time.perf_counter() - t0)
-            print(f"[{rep + 1}/{args.repeats}] {k}: {times[k][-1]:.2f} s", flush=True)
+    times = interleaved(jobs, args.repeats, verbose=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {(tool, n): rss(tool, n) for tool in ("bare", "steering", "bridge") for n in (512, 4096)}
     for k, v in mem.items():

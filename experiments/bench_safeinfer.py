@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ RESULTS = ROOT / "experiments" / "results"
 
 import torch  # noqa: E402
 
-from _util import bench_section, machine  # noqa: E402
+from _util import bench_section, interleaved, machine  # noqa: E402
 
 SHAPE = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2816, num_attention_heads=12,
              num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -66,12 +65,7 @@ def main() -> None:
         run["floor: plain, both models"] = lambda: (D.generate(prompts, batch_size=bs, **gen), U.generate(prompts, batch_size=bs, **gen))
         for f in run.values():  # warm-up
             f()
-        times: dict[str, list[float]] = {k: [] for k in run}
-        for rep in range(args.repeats):
-            for k in (list(run) if rep % 2 == 0 else list(run)[::-1]):
-                t0 = time.perf_counter()
-                run[k]()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved(run, args.repeats)
         plain = statistics.median(times["plain"])
         for k, ts in times.items():
             med = statistics.median(ts)
