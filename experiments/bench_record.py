@@ -1,6 +1,6 @@
 """Benchmark 2: recording means at every layer, over bare forward passes and beside TransformerLens.
 
-    python experiments/bench_record.py [--repeats 3]   # writes experiments/results/bench_record.{md,json}
+    python experiments/bench_record.py [--repeats 3]   # writes its section of experiments/results/BENCHMARKS.md and bench_record.json
 
 A random Llama-shaped model (d 512, 8 layers, MLP 1536; the toolkit's small test tokenizer) runs
 512 prompts of the shipped ``harmless`` set (cycled) in batches of 32:

@@ -1,6 +1,6 @@
 """Benchmark 3: streaming checkpoint edits on a ~1.1B-parameter Llama-shaped bf16 checkpoint.
 
-    python experiments/bench_stream.py [--repeats 3] [--cache DIR]   # writes experiments/results/bench_stream.{md,json}
+    python experiments/bench_stream.py [--repeats 3] [--cache DIR]   # writes its section of experiments/results/BENCHMARKS.md and bench_stream.json
 
 Three random checkpoints (``base``, ``ft`` = base + noise, ``tgt`` = base + other noise) of the
 TinyLlama-1.1B shape (d 2048, 22 layers, MLP 5632, 32k vocabulary, untied head), bf16, in 5 shards,
