@@ -32,7 +32,7 @@ import copy
 import os
 import tempfile
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -167,7 +167,7 @@ def bridge_generate(bridge: Any, input_ids: Tensor, attention_mask: Tensor, max_
 
 
 @torch.no_grad()
-def bridge_record_means(bridge: Any, batches: Sequence[Mapping[str, Tensor]]) -> Tensor:
+def bridge_record_means(bridge: Any, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
     """``[n_layers, d_model]`` float64 mean, over every prompt, of the last real token's residual
     stream entering each layer, the TransformerLens way: ``bridge.run_with_cache(input_ids,
     attention_mask=..., names_filter=[blocks.{l}.hook_resid_pre ...])``, then the last real token of
