@@ -30,9 +30,9 @@ import torch  # noqa: E402
 import steering as st  # noqa: E402
 from _util import cli  # noqa: E402
 from steering import organisms  # noqa: E402
-from steering.edits import Addition, Conditional, load_edit  # noqa: E402
-from steering.judge import refusal_rate  # noqa: E402
-from steering.select import kl_div, last_logprobs  # noqa: E402
+from steering.edits import Ablation, Addition, Conditional, load_edit  # noqa: E402
+from steering.judge import is_refusal, refusal_rate  # noqa: E402
+from steering.select import kl_div, kl_per_prompt, last_logprobs  # noqa: E402
 from steering.vectors import SteeringVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -58,6 +58,33 @@ def harmless_kl(model: st.Model, edit, n: int = 256) -> float:
     with edit.hooks(model):
         new = last_logprobs(model, prompts)
     return kl_div(base, new)
+
+
+def kl_breakdown(model: st.Model, edit, n: int = 256, seed: int = 0) -> dict:
+    """Where an ablation's KL on harmless prompts comes from: the prompts whose judged refusal the
+    edit flips (the organism refuses some harmless prompts, and an ablation that works un-refuses
+    them), the rest (a change of which helpful opening comes first), and, as a control, random
+    subspaces of the same rank (mean of 5)."""
+    prompts = st.datasets.load("harmless:test", limit=n)
+    base = last_logprobs(model, prompts)
+    plain = [is_refusal(o) for o in model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)]
+    with edit.hooks(model):
+        new = last_logprobs(model, prompts)
+        edited = [is_refusal(o) for o in model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)]
+    kl = kl_per_prompt(base, new)
+    flip = torch.tensor([a != b for a, b in zip(plain, edited)])
+    g = torch.Generator().manual_seed(seed)
+    rand = []
+    for _ in range(5):
+        with Ablation(torch.randn(edit.rank, model.d_model, generator=g)).hooks(model):
+            rand.append(kl_div(base, last_logprobs(model, prompts)))
+    top = base.exp().mean(0).topk(8).indices
+    tok = model.tokenizer
+    return {"kl": float(kl.mean()), "n": n, "flipped": int(flip.sum()), "refused_before": int(sum(plain)),
+            "refused_after": int(sum(edited)),
+            "kl_from_flipped": float(kl[flip].sum() / n), "kl_from_rest": float(kl[~flip].sum() / n),
+            "random_same_rank": sum(rand) / len(rand),
+            "first_tokens": [[tok.decode([int(i)]), float(base.exp().mean(0)[i]), float(new.exp().mean(0)[i])] for i in top]}
 
 
 def run_arch(arch: str, work: Path) -> dict:
@@ -92,6 +119,7 @@ def run_arch(arch: str, work: Path) -> dict:
                                     "steps": [l for l in out.splitlines() if l.startswith("subspace of rank")][0]}
         chosen = "subspace.safetensors"
     res["ablation_rank"] = edit.rank
+    res["kl_breakdown"] = kl_breakdown(aligned, edit)
     # baked, as a user ships it
     cli("bake", aligned_dir, "--edit", str(work / chosen), "--out", str(work / "aligned-ablated"), "--overwrite")
     res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",))
@@ -171,6 +199,14 @@ def report(results: list[dict]) -> str:
                   f"| {fmt(dc['harmful:test'])} | {fmt(dc['harmless:test'])} | |", ""]
         if "ablation_subspace" in r:
             lines += [f"Subspace growth: {r['ablation_subspace']['steps']}", ""]
+        if "kl_breakdown" in r:
+            b = r["kl_breakdown"]
+            lines += [f"Where the rank-{r['ablation_rank']} ablation's KL ({b['kl']:.3f}, {b['n']} harmless:test prompts) "
+                      f"comes from: {b['flipped']} prompts whose judged refusal flips ({b['refused_before']} refused before, "
+                      f"{b['refused_after']} after) give {b['kl_from_flipped']:.3f}; the other {b['n'] - b['flipped']} give "
+                      f"{b['kl_from_rest']:.3f}. Random subspaces of the same rank: {b['random_same_rank']:.3f}.", "",
+                      "First-token probability on harmless prompts (mean), before → after the ablation: "
+                      + ", ".join(f"`{t}` {a:.3f} → {c:.3f}" for t, a, c in b["first_tokens"]) + ".", ""]
     return "\n".join(lines)
 
 

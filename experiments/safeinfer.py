@@ -11,6 +11,10 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
    harmless:test 1335; substring judge, greedy, 12 new tokens).
 3. Decoding speed: tokens per second of each decoding against plain decoding, measured side by
    side in this run (64 prompts, batch 16, 32 new tokens forced, median of 3).
+
+`--own-unsafe` adds guided decoding against an unsafe fine-tune of `drifted` itself; `--why`
+adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
+remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
 
 from __future__ import annotations
@@ -81,6 +85,90 @@ def guided_examples(D, U, n: int = 6) -> list[list[str]]:
     idx = [i for i, o in enumerate(plain) if is_refusal(o)][:n]
     guided = safeinfer.generate(D, [prompts[i] for i in idx], unsafe=U, max_new_tokens=N_NEW, batch_size=64)
     return [[plain[i], g] for i, g in zip(idx, guided)]
+
+
+def why_guided(D, U, best: dict) -> dict:
+    """Why guided decoding lowers `drifted`'s refusal. While `drifted` + amplification writes its
+    greedy answers to harmful:val, a processor that changes nothing records, at every step, both
+    models' log-probabilities of the token chosen; tokens are grouped by whether the answer is
+    judged a refusal and whether it is the first new token. Guided decoding would subtract
+    γ·max(0, log p_U − log p_SA) from each: a token is "penalised" when the unsafe model gives it
+    more probability than the amplified model does. Then, on validation, two variants of the rule:
+    a margin τ (penalty γ·max(0, log p_U − log p_SA − τ)) and guidance of the first k new tokens only."""
+    import torch
+
+    from steering.judge import is_refusal
+
+    amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+    tok = D._tok()
+
+    def new_generation(prev, input_ids) -> bool:
+        return (prev is None or prev.shape[0] != input_ids.shape[0] or prev.shape[1] + 1 != input_ids.shape[1]
+                or not torch.equal(input_ids[:, :-1].to(prev.device), prev))
+
+    class Recorder(safeinfer.GuidedDecoding):
+        def __init__(self, unsafe):
+            super().__init__(unsafe, gamma=0.0, pad_token_id=tok.pad_token_id)
+            self.gens: list[list[tuple]] = []  # per batch: per step (log p_SA, log p_U, token) of the chosen tokens
+            self.last = None
+
+        def __call__(self, input_ids, scores):
+            fresh = new_generation(self._ids, input_ids)
+            lu = self.unsafe_logprobs(input_ids).to(scores.device)
+            ls = torch.log_softmax(scores.float(), -1)
+            if fresh:
+                self.gens.append([])
+            else:
+                t = input_ids[:, -1:].to(scores.device)
+                self.gens[-1].append((self.last[0].gather(1, t)[:, 0], self.last[1].gather(1, t)[:, 0], t[:, 0]))
+            self.last = (ls, lu)
+            return scores
+
+    prompts = st.datasets.load("harmful:val")
+    rec = Recorder(U)
+    outs = safeinfer.generate(D, prompts, amplify=amp, max_new_tokens=N_NEW, batch_size=64, logits_processor=[rec])
+    refused = [is_refusal(o) for o in outs]
+    groups: dict[str, list[tuple[float, float]]] = {f"{k}, {w}": [] for k in ("refusal", "compliance")
+                                                    for w in ("first token", "later tokens")}
+    row = 0
+    for steps in rec.gens:
+        n = steps[0][0].shape[0] if steps else 0
+        for j, (ls, lu, t) in enumerate(steps):
+            for b in range(n):
+                if int(t[b]) != tok.pad_token_id:
+                    kind = "refusal" if refused[row + b] else "compliance"
+                    groups[f"{kind}, {'first token' if j == 0 else 'later tokens'}"].append((float(ls[b]), float(lu[b])))
+        row += n
+    tokens = {}
+    for g, rows in groups.items():
+        if rows:
+            sa = torch.tensor([a for a, _ in rows])
+            un = torch.tensor([b for _, b in rows])
+            tokens[g] = {"n": len(rows), "log_p_sa": float(sa.mean()), "log_p_u": float(un.mean()),
+                         "penalised": float((un > sa).float().mean()),
+                         "mean_penalty": float((safeinfer.GAMMA * (un - sa).clamp(min=0)).mean())}
+
+    class Variant(safeinfer.GuidedDecoding):
+        def __init__(self, unsafe, margin: float = 0.0, first: int | None = None):
+            super().__init__(unsafe, pad_token_id=tok.pad_token_id)
+            self.margin, self.first, self.start = margin, first, None
+
+        def __call__(self, input_ids, scores):
+            if new_generation(self._ids, input_ids):
+                self.start = input_ids.shape[1]
+            lu = self.unsafe_logprobs(input_ids).to(scores.device)
+            ls = torch.log_softmax(scores.float(), -1)
+            if self.first is not None and input_ids.shape[1] - self.start >= self.first:
+                return ls
+            return ls - self.gamma * (lu - ls - self.margin).clamp(min=0)
+
+    variants = {}
+    for name, kw in (("margin 0.5", {"margin": 0.5}), ("margin 1", {"margin": 1.0}), ("margin 2", {"margin": 2.0}),
+                     ("first 1 token", {"first": 1}), ("first 2 tokens", {"first": 2}), ("first 4 tokens", {"first": 4})):
+        variants[name] = rates(D, "val", amplify=amp, logits_processor=[Variant(U, **kw)])
+        print(f"[why] both, {name}: {variants[name]}", flush=True)
+    return {"tokens": tokens, "variants": variants, "both_val": rates(D, "val", amplify=amp, unsafe=U),
+            "amplification_val": rates(D, "val", amplify=amp)}
 
 
 def speeds(D, U, best: dict) -> dict[str, float]:
@@ -167,6 +255,22 @@ def write(results: list[dict]) -> None:
                           f"refuses {pct(o['unsafe_itself']['harmful'])} of harmful prompts): guided "
                           f"{pct(o['guided']['harmful'])} / {pct(o['guided']['harmless'])}, both "
                           f"{pct(o['both']['harmful'])} / {pct(o['both']['harmless'])} (harmful / harmless refusal)."]
+        if r.get("why"):
+            w = r["why"]
+            lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
+                          "the tokens `drifted` + amplification chooses while it answers harmful:val (greedy, recorded step "
+                          "by step; a token is penalised when log p_U > log p_SA):",
+                      "", "| tokens | n | log p_SA | log p_U | share penalised | mean penalty γ·max(0, log p_U − log p_SA) |",
+                      "|---|---|---|---|---|---|"]
+            for g, v in w["tokens"].items():
+                lines.append(f"| {g} | {v['n']} | {v['log_p_sa']:.2f} | {v['log_p_u']:.2f} | {pct(v['penalised'])} "
+                             f"| {v['mean_penalty']:.1f} |")
+            lines += ["", "Variants of the rule with amplification, on validation (harmful / harmless refusal; "
+                          f"amplification alone {pct(w['amplification_val']['harmful'])} / "
+                          f"{pct(w['amplification_val']['harmless'])}, both as in the paper "
+                          f"{pct(w['both_val']['harmful'])} / {pct(w['both_val']['harmless'])}):", "",
+                      "| guided decoding | harmful | harmless |", "|---|---|---|"]
+            lines += [f"| {k} | {pct(v['harmful'])} | {pct(v['harmless'])} |" for k, v in w["variants"].items()]
         if r.get("guided_examples"):
             lines += ["", "`drifted`'s refusals and what guided decoding (γ = 99, unsafe = `harmful`) makes of them:", "",
                       "| plain | guided |", "|---|---|"]
@@ -181,8 +285,18 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
     ap.add_argument("--speed-only", action="store_true", help="remeasure only the decoding speeds (on a quiet machine)")
     ap.add_argument("--own-unsafe", action="store_true", help="only: guided decoding against drifted's own unsafe fine-tune")
+    ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.why:
+        results = json.loads((RESULTS / "safeinfer.json").read_text())
+        for r in results:
+            if r["arch"] in args.arch:
+                org = organisms.build(arch=r["arch"], progress=False)
+                r["why"] = why_guided(st.load(org.path("drifted")), st.load(org.path("harmful")), r["best"])
+        write(results)
+        print((RESULTS / "safeinfer.md").read_text())
+        return
     if args.own_unsafe:
         results = json.loads((RESULTS / "safeinfer.json").read_text())
         for r in results:

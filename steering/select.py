@@ -9,7 +9,10 @@ For every candidate (layer, position):
   against plain.
 Candidates at layers ≥ ⌊0.8·L⌋, with ``kl`` > 0.1, ``induce`` < 0, or a NaN are discarded; the pick
 is the lowest ``bypass``. The refusal score is log P(refusal) − log(1 − P(refusal)) at the last
-prompt position, P summed over the first tokens refusals start with.
+prompt position, P summed over the first tokens refusals start with. With a tokenizer that splits
+words, such a token can also start helpful openings (the organisms' ``A`` begins both "As an AI"
+and "Absolutely"), and the score then counts those too; pass ``refusal_ids`` to choose the tokens
+(experiments/kl_variants.py measures what that sharing does on the organisms).
 
 Where no single direction carries refusal (small models can spread it over a few), :func:`select_subspace`
 grows a low-rank subspace greedily from the best candidates and reports its rank.
@@ -55,9 +58,14 @@ def refusal_scores(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.
     return (lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-12))).float()
 
 
+def kl_per_prompt(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ new) of each row of two batches of log-probabilities, ``[n]``."""
+    return (base.exp() * (base - new)).sum(-1)
+
+
 def kl_div(base: torch.Tensor, new: torch.Tensor) -> float:
     """Mean KL(base ‖ new) of two batches of log-probabilities."""
-    return float((base.exp() * (base - new)).sum(-1).mean())
+    return float(kl_per_prompt(base, new).mean())
 
 
 @dataclass

@@ -89,3 +89,17 @@ def test_icv_shape_and_sign():
     s = st.record(m, [p[1] for p in pairs], sites="resid_post", positions="last:4", chat=False, progress=False).mean("resid_post").mean(1)
     for l in v.layers:
         assert float(v[l] @ (u[l] - s[l])) > 0
+
+
+def test_kl_per_prompt_rows_and_mean():
+    from steering.select import kl_div, kl_per_prompt
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(torch.randn(4, 7, generator=g), -1)
+    new = base.clone()
+    new[2] = torch.log_softmax(torch.randn(7, generator=g), -1)
+    rows = kl_per_prompt(base, new)
+    assert rows.shape == (4,) and rows[[0, 1, 3]].abs().max() < 1e-7 and rows[2] > 0
+    p, q = base[2].exp(), new[2].exp()
+    assert torch.allclose(rows[2], (p * (p / q).log()).sum(), atol=1e-6)
+    assert abs(kl_div(base, new) - float(rows.mean())) < 1e-7

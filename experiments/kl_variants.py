@@ -1,0 +1,171 @@
+"""Why ablating the refusal direction moves the organisms' harmless outputs (KL > 0.1): variants.
+
+    python experiments/kl_variants.py [--only NAME ...]   # writes experiments/results/kl_variants.md and .json
+
+The refusal-direction paper keeps only directions whose ablation changes the next-token
+distribution on harmless prompts by KL ≤ 0.1. On the default organisms every direction that
+bypasses refusal costs KL 0.2–0.5 (experiments/results/directions.md). This script rebuilds the
+llama organism under variants of its recipe, each in its own cache folder
+(``$STEERING_CACHE/kl-variants/<name>``, about 3.5 minutes per build, 6 for the 8-layer one), and
+measures, exactly as `steering extract` / `steering select` do (128 + 128 train prompts; 32 + 32
+validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
+
+- the selected single direction ablated: harmful:test refusal and KL on 256 harmless:test prompts,
+  and how much of that KL comes from the harmless prompts whose judged refusal the ablation flips
+  (the organism over-refuses a few harmless prompts; an ablation that works un-refuses them, and
+  each such prompt costs several nats);
+- the subspace grown from the last five positions' candidates (`--subspace`), likewise;
+- random subspaces of the same rank (mean of 5), the control: an ablation that carries no refusal;
+- both ablations in affine form (activations keep harmless prompts' mean coordinates along the
+  basis instead of zero), which tests whether moving harmless prompts to the origin is the cause.
+
+Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
+- ``default``, ``default-seed1``: the shipped recipe, two seeds (organism-to-organism noise);
+- ``depth8``: 8 layers instead of 4;
+- ``no-shared-first-token``, ``…-seed1``: the helpful opening "Absolutely." and the compliance
+  opening "Absolutely, …" become "Definitely…". With the organisms' tokenizer "Absolutely" and
+  the refusal "As a language model" both start with the token ``A``, which the first-token
+  refusal score counts as a refusal;
+- ``no-shared-first-token-3000``: that, with 3,000 harmless training prompts instead of 1,500
+  (less over-refusal of harmless prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import steering as st  # noqa: E402
+from steering import organisms  # noqa: E402
+from steering.extract import diff_in_means  # noqa: E402
+from directions import kl_breakdown  # noqa: E402
+from steering.edits import ABLATION_SITES  # noqa: E402
+from steering.hooks import attach  # noqa: E402
+from steering.judge import refusal_rate  # noqa: E402
+from steering.select import select_direction, select_subspace  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+N_NEW = 12
+DEFINITELY = {"Absolutely.": "Definitely.", "Absolutely,": "Definitely,"}
+VARIANTS = {
+    "default": ({}, False),
+    "default-seed1": ({"seed": 1}, False),
+    "depth8": ({"n_layers": 8}, False),
+    "no-shared-first-token": ({}, True),
+    "no-shared-first-token-seed1": ({"seed": 1}, True),
+    "no-shared-first-token-3000": ({"n_harmless_train": 3000}, True),
+}
+
+
+def build(name: str) -> organisms.Organisms:
+    fields, definitely = VARIANTS[name]
+    if name == "default":  # the shipped organisms, from the usual cache
+        return organisms.build(arch="llama", progress=True)
+    saved = list(organisms.HELPFUL), list(organisms.COMPLY)
+    try:
+        if definitely:
+            for lst in (organisms.HELPFUL, organisms.COMPLY):
+                lst[:] = [next((s.replace(a, b) for a, b in DEFINITELY.items() if a in s), s) for s in lst]
+        # the cache key hashes the recipe and this package's code, not the patched lists: one folder per variant
+        cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "kl-variants" / name
+        return organisms.build(arch="llama", progress=True, cache=cache, **fields)
+    finally:
+        organisms.HELPFUL[:], organisms.COMPLY[:] = saved
+
+
+class AffineAblation:
+    """The ablation's basis, but each activation's coordinates along it are set to the mean of
+    harmless prompts (every position of 128 harmless:train prompts, per layer and site) instead of
+    zero: x − ((x·B) − c)·Bᵀ, as in affine concept editing (Marshall et al. 2024). It tests
+    whether the KL comes from moving harmless activations to the origin along the direction."""
+
+    def __init__(self, m: st.Model, basis: torch.Tensor, prompts: list[str]):
+        self.basis, self.rank = basis, basis.shape[0]
+        rec = st.record(m, prompts, sites=list(ABLATION_SITES), positions="all", progress=False)
+        self.ref = {s: rec.mean(s)[:, 0] @ basis.T for s in ABLATION_SITES}  # [layers, rank]
+
+    def hooks(self, m: st.Model):
+        def hook(c: torch.Tensor):
+            return lambda x, ctx: x - ((x @ self.basis.T.to(x.dtype)) - c.to(x.dtype)) @ self.basis.to(x.dtype)
+        return attach(m, [((s, l), hook(self.ref[s][l])) for s in ABLATION_SITES for l in range(m.n_layers)])
+
+
+def measure(m: st.Model, edit, harmful: list[str]) -> dict:
+    with edit.hooks(m):
+        refusal = refusal_rate(m.generate(harmful, max_new_tokens=N_NEW, batch_size=64))
+    return {"rank": edit.rank, "harmful_refusal": refusal, **kl_breakdown(m, edit)}
+
+
+def run(name: str) -> dict:
+    t0 = time.time()
+    org = build(name)
+    m = st.load(org.path("aligned"))
+    hv, sv = st.datasets.load("harmful:val", limit=32), st.datasets.load("harmless:val", limit=32)
+    htr, str_ = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
+    harmful = st.datasets.load("harmful:test")
+    res = {"variant": name, "recipe": VARIANTS[name][0], "definitely": VARIANTS[name][1], "rates": org.rates["aligned"]}
+    sel = select_direction(m, diff_in_means(m, htr, str_, positions="post_instruction"), hv, sv, kl_threshold=2.0,
+                           progress=False)
+    res["single"] = {**measure(m, sel.ablation(), harmful), "pick": list(sel.pick)}
+    res["single_affine"] = measure(m, AffineAblation(m, sel.ablation().basis, str_), harmful)
+    sel5 = select_direction(m, diff_in_means(m, htr, str_, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
+    sub = select_subspace(m, sel5, hv, sv, kl_threshold=2.0).ablation()
+    res["subspace"] = measure(m, sub, harmful)
+    res["subspace_affine"] = measure(m, AffineAblation(m, sub.basis, str_), harmful)
+    res["seconds"] = time.time() - t0
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write(results: list[dict]) -> None:
+    lines = ["# Refusal-direction ablation on organism variants: refusal against KL on harmless prompts", "",
+             "`python experiments/kl_variants.py` (llama; see its docstring). Refusal on harmful:test (240), substring "
+             "judge, greedy, 12 new tokens; KL: last-token KL on 256 harmless:test prompts, and in brackets the part of "
+             "it from the prompts whose judged refusal the ablation flips (how many).", "",
+             "| variant | aligned harmful / harmless refusal | single direction: refusal, KL (flipped) "
+             "| … affine | subspace: rank, refusal, KL (flipped) | … affine | random subspace, same rank: KL |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(e: dict) -> str:
+        return f"{pct(e['harmful_refusal'])}, {e['kl']:.3f} ({e['kl_from_flipped']:.3f}, {e['flipped']})"
+
+    for r in results:
+        u = r["subspace"]
+        lines.append(f"| {r['variant']} | {pct(r['rates']['harmful'])} / {pct(r['rates']['harmless'])} "
+                     f"| {cell(r['single'])} | {cell(r['single_affine'])} | {u['rank']}, {cell(u)} "
+                     f"| {cell(r['subspace_affine'])} | {u['random_same_rank']:.3f} |")
+    lines += ["", "Affine: the same basis, but activations keep the harmless prompts' mean coordinates along it "
+                  "instead of zero (`AffineAblation` in the script)."]
+    (RESULTS / "kl_variants.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "kl_variants.json").write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="rerun these variants, keep the others' results")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    path = RESULTS / "kl_variants.json"
+    old = {r["variant"]: r for r in json.loads(path.read_text())} if (args.only and path.exists()) else {}
+    for name in VARIANTS:
+        if not args.only or name in args.only:
+            old[name] = run(name)
+            write([old[n] for n in VARIANTS if n in old])
+    print((RESULTS / "kl_variants.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
