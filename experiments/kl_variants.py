@@ -27,7 +27,9 @@ Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
   the refusal "As a language model" both start with the token ``A``, which the first-token
   refusal score counts as a refusal;
 - ``no-shared-first-token-3000``: that, with 3,000 harmless training prompts instead of 1,500
-  (less over-refusal of harmless prompts).
+  (less over-refusal of harmless prompts);
+- ``one-opening-word``, ``…-seed1``: that, with only the three helpful openings that start with
+  "Sure" (so the first token of a helpful answer is not a memorised choice among several).
 """
 
 from __future__ import annotations
@@ -57,24 +59,28 @@ RESULTS = ROOT / "experiments" / "results"
 N_NEW = 12
 DEFINITELY = {"Absolutely.": "Definitely.", "Absolutely,": "Definitely,"}
 VARIANTS = {
-    "default": ({}, False),
-    "default-seed1": ({"seed": 1}, False),
-    "depth8": ({"n_layers": 8}, False),
-    "no-shared-first-token": ({}, True),
-    "no-shared-first-token-seed1": ({"seed": 1}, True),
-    "no-shared-first-token-3000": ({"n_harmless_train": 3000}, True),
+    "default": ({}, "shipped"),
+    "default-seed1": ({"seed": 1}, "shipped"),
+    "depth8": ({"n_layers": 8}, "shipped"),
+    "no-shared-first-token": ({}, "definitely"),
+    "no-shared-first-token-seed1": ({"seed": 1}, "definitely"),
+    "no-shared-first-token-3000": ({"n_harmless_train": 3000}, "definitely"),
+    "one-opening-word": ({}, "sure"),
+    "one-opening-word-seed1": ({"seed": 1}, "sure"),
 }
 
 
 def build(name: str) -> organisms.Organisms:
-    fields, definitely = VARIANTS[name]
+    fields, openings = VARIANTS[name]
     if name == "default":  # the shipped organisms, from the usual cache
         return organisms.build(arch="llama", progress=True)
     saved = list(organisms.HELPFUL), list(organisms.COMPLY)
     try:
-        if definitely:
+        if openings in ("definitely", "sure"):
             for lst in (organisms.HELPFUL, organisms.COMPLY):
                 lst[:] = [next((s.replace(a, b) for a, b in DEFINITELY.items() if a in s), s) for s in lst]
+        if openings == "sure":  # every helpful opening starts with the same token
+            organisms.HELPFUL[:] = [h for h in organisms.HELPFUL if h.startswith("Sure")]
         # the cache key hashes the recipe and this package's code, not the patched lists: one folder per variant
         cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "kl-variants" / name
         return organisms.build(arch="llama", progress=True, cache=cache, **fields)
@@ -112,7 +118,7 @@ def run(name: str) -> dict:
     hv, sv = st.datasets.load("harmful:val", limit=32), st.datasets.load("harmless:val", limit=32)
     htr, str_ = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
     harmful = st.datasets.load("harmful:test")
-    res = {"variant": name, "recipe": VARIANTS[name][0], "definitely": VARIANTS[name][1], "rates": org.rates["aligned"]}
+    res = {"variant": name, "recipe": VARIANTS[name][0], "openings": VARIANTS[name][1], "rates": org.rates["aligned"]}
     sel = select_direction(m, diff_in_means(m, htr, str_, positions="post_instruction"), hv, sv, kl_threshold=2.0,
                            progress=False)
     res["single"] = {**measure(m, sel.ablation(), harmful), "pick": list(sel.pick)}
