@@ -78,13 +78,13 @@ def kl_breakdown(model: st.Model, edit, n: int = 256, seed: int = 0) -> dict:
     for _ in range(5):
         with Ablation(torch.randn(edit.rank, model.d_model, generator=g)).hooks(model):
             rand.append(kl_div(base, last_logprobs(model, prompts)))
-    top = base.exp().mean(0).topk(8).indices
+    before, after = base.exp().mean(0), new.exp().mean(0)
     tok = model.tokenizer
     return {"kl": float(kl.mean()), "n": n, "flipped": int(flip.sum()), "refused_before": int(sum(plain)),
             "refused_after": int(sum(edited)),
             "kl_from_flipped": float(kl[flip].sum() / n), "kl_from_rest": float(kl[~flip].sum() / n),
             "random_same_rank": sum(rand) / len(rand),
-            "first_tokens": [[tok.decode([int(i)]), float(base.exp().mean(0)[i]), float(new.exp().mean(0)[i])] for i in top]}
+            "first_tokens": [[tok.decode([int(i)]), float(before[i]), float(after[i])] for i in before.topk(8).indices]}
 
 
 def run_arch(arch: str, work: Path) -> dict:

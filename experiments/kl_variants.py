@@ -116,17 +116,17 @@ def run(name: str) -> dict:
     org = build(name)
     m = st.load(org.path("aligned"))
     hv, sv = st.datasets.load("harmful:val", limit=32), st.datasets.load("harmless:val", limit=32)
-    htr, str_ = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
+    htr, harmless_tr = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
     harmful = st.datasets.load("harmful:test")
     res = {"variant": name, "recipe": VARIANTS[name][0], "openings": VARIANTS[name][1], "rates": org.rates["aligned"]}
-    sel = select_direction(m, diff_in_means(m, htr, str_, positions="post_instruction"), hv, sv, kl_threshold=2.0,
+    sel = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="post_instruction"), hv, sv, kl_threshold=2.0,
                            progress=False)
     res["single"] = {**measure(m, sel.ablation(), harmful), "pick": list(sel.pick)}
-    res["single_affine"] = measure(m, AffineAblation(m, sel.ablation().basis, str_), harmful)
-    sel5 = select_direction(m, diff_in_means(m, htr, str_, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
+    res["single_affine"] = measure(m, AffineAblation(m, sel.ablation().basis, harmless_tr), harmful)
+    sel5 = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
     sub = select_subspace(m, sel5, hv, sv, kl_threshold=2.0).ablation()
     res["subspace"] = measure(m, sub, harmful)
-    res["subspace_affine"] = measure(m, AffineAblation(m, sub.basis, str_), harmful)
+    res["subspace_affine"] = measure(m, AffineAblation(m, sub.basis, harmless_tr), harmful)
     res["seconds"] = time.time() - t0
     print(json.dumps(res), flush=True)
     return res

@@ -288,31 +288,21 @@ def main() -> None:
     ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.why:
-        results = json.loads((RESULTS / "safeinfer.json").read_text())
-        for r in results:
-            if r["arch"] in args.arch:
-                org = organisms.build(arch=r["arch"], progress=False)
-                r["why"] = why_guided(st.load(org.path("drifted")), st.load(org.path("harmful")), r["best"])
-        write(results)
-        print((RESULTS / "safeinfer.md").read_text())
-        return
-    if args.own_unsafe:
-        results = json.loads((RESULTS / "safeinfer.json").read_text())
-        for r in results:
-            if r["arch"] in args.arch:
-                r["own_unsafe"] = own_unsafe(r["arch"], r["best"])
-        write(results)
-        print((RESULTS / "safeinfer.md").read_text())
-        return
-    if args.speed_only:
+    # Partial reruns: each recomputes its own part of the chosen architectures' results and keeps the rest.
+    partial = {
+        "why": lambda r, D, U: {"why": why_guided(D, U, r["best"])},
+        "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
+        "speed_only": lambda r, D, U: {"tokens_per_s": speeds(D, U, r["best"]), "guided_examples": guided_examples(D, U)},
+    }
+    chosen = [k for k in partial if getattr(args, k)]
+    if chosen:
         results = json.loads((RESULTS / "safeinfer.json").read_text())
         for r in results:
             if r["arch"] in args.arch:
                 org = organisms.build(arch=r["arch"], progress=False)
                 D, U = st.load(org.path("drifted")), st.load(org.path("harmful"))
-                r["tokens_per_s"] = speeds(D, U, r["best"])
-                r["guided_examples"] = guided_examples(D, U)
+                for k in chosen:
+                    r.update(partial[k](r, D, U))
         write(results)
         print((RESULTS / "safeinfer.md").read_text())
         return
