@@ -16,8 +16,9 @@ validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
   each such prompt costs several nats);
 - the subspace grown from the last five positions' candidates (`--subspace`), likewise;
 - random subspaces of the same rank (mean of 5), the control: an ablation that carries no refusal;
-- both ablations in affine form (activations keep harmless prompts' mean coordinates along the
-  basis instead of zero), which tests whether moving harmless prompts to the origin is the cause.
+- both ablations in affine form (`steering.edits.AffineAblation`: activations keep the mean
+  coordinates of 128 harmless:train prompts along the basis instead of zero), which tests whether
+  moving harmless prompts to the origin is the cause.
 
 Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
 - ``default``, ``default-seed1``: the shipped recipe, two seeds (organism-to-organism noise);
@@ -28,7 +29,7 @@ Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
   refusal score counts as a refusal;
 - ``no-shared-first-token-3000``: that, with 3,000 harmless training prompts instead of 1,500
   (less over-refusal of harmless prompts);
-- ``one-opening-word``, ``…-seed1``: that, with only the three helpful openings that start with
+- ``one-opening-word``, ``…-seed1/2/3``: that, with only the three helpful openings that start with
   "Sure" (so the first token of a helpful answer is not a memorised choice among several).
 """
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,8 +50,7 @@ import steering as st  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.extract import diff_in_means  # noqa: E402
 from directions import kl_breakdown  # noqa: E402
-from steering.edits import ABLATION_SITES  # noqa: E402
-from steering.hooks import attach  # noqa: E402
+from steering.edits import AffineAblation  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 from steering.select import select_direction, select_subspace  # noqa: E402
 
@@ -67,6 +66,8 @@ VARIANTS = {
     "no-shared-first-token-3000": ({"n_harmless_train": 3000}, "definitely"),
     "one-opening-word": ({}, "sure"),
     "one-opening-word-seed1": ({"seed": 1}, "sure"),
+    "one-opening-word-seed2": ({"seed": 2}, "sure"),
+    "one-opening-word-seed3": ({"seed": 3}, "sure"),
 }
 
 
@@ -82,27 +83,10 @@ def build(name: str) -> organisms.Organisms:
         if openings == "sure":  # every helpful opening starts with the same token
             organisms.HELPFUL[:] = [h for h in organisms.HELPFUL if h.startswith("Sure")]
         # the cache key hashes the recipe and this package's code, not the patched lists: one folder per variant
-        cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "kl-variants" / name
+        cache = organisms.cache_dir().parent / "kl-variants" / name
         return organisms.build(arch="llama", progress=True, cache=cache, **fields)
     finally:
         organisms.HELPFUL[:], organisms.COMPLY[:] = saved
-
-
-class AffineAblation:
-    """The ablation's basis, but each activation's coordinates along it are set to the mean of
-    harmless prompts (every position of 128 harmless:train prompts, per layer and site) instead of
-    zero: x − ((x·B) − c)·Bᵀ, as in affine concept editing (Marshall et al. 2024). It tests
-    whether the KL comes from moving harmless activations to the origin along the direction."""
-
-    def __init__(self, m: st.Model, basis: torch.Tensor, prompts: list[str]):
-        self.basis, self.rank = basis, basis.shape[0]
-        rec = st.record(m, prompts, sites=list(ABLATION_SITES), positions="all", progress=False)
-        self.ref = {s: rec.mean(s)[:, 0] @ basis.T for s in ABLATION_SITES}  # [layers, rank]
-
-    def hooks(self, m: st.Model):
-        def hook(c: torch.Tensor):
-            return lambda x, ctx: x - ((x @ self.basis.T.to(x.dtype)) - c.to(x.dtype)) @ self.basis.to(x.dtype)
-        return attach(m, [((s, l), hook(self.ref[s][l])) for s in ABLATION_SITES for l in range(m.n_layers)])
 
 
 def measure(m: st.Model, edit, harmful: list[str]) -> dict:
@@ -118,15 +102,16 @@ def run(name: str) -> dict:
     hv, sv = st.datasets.load("harmful:val", limit=32), st.datasets.load("harmless:val", limit=32)
     htr, harmless_tr = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
     harmful = st.datasets.load("harmful:test")
-    res = {"variant": name, "recipe": VARIANTS[name][0], "openings": VARIANTS[name][1], "rates": org.rates["aligned"]}
+    res = {"variant": name, "recipe": VARIANTS[name][0], "openings": VARIANTS[name][1], "rates": org.rates["aligned"],
+           "drifted_rates": org.rates["drifted"]}
     sel = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="post_instruction"), hv, sv, kl_threshold=2.0,
                            progress=False)
     res["single"] = {**measure(m, sel.ablation(), harmful), "pick": list(sel.pick)}
-    res["single_affine"] = measure(m, AffineAblation(m, sel.ablation().basis, harmless_tr), harmful)
+    res["single_affine"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr), harmful)
     sel5 = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
     sub = select_subspace(m, sel5, hv, sv, kl_threshold=2.0).ablation()
     res["subspace"] = measure(m, sub, harmful)
-    res["subspace_affine"] = measure(m, AffineAblation(m, sub.basis, harmless_tr), harmful)
+    res["subspace_affine"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr), harmful)
     res["seconds"] = time.time() - t0
     print(json.dumps(res), flush=True)
     return res
@@ -142,8 +127,9 @@ def write(results: list[dict]) -> None:
              "judge, greedy, 12 new tokens; KL: last-token KL on 256 harmless:test prompts, and in brackets the part of "
              "it from the prompts whose judged refusal the ablation flips (how many).", "",
              "| variant | aligned harmful / harmless refusal | single direction: refusal, KL (flipped) "
-             "| … affine | subspace: rank, refusal, KL (flipped) | … affine | random subspace, same rank: KL |",
-             "|---|---|---|---|---|---|---|"]
+             "| … affine | subspace: rank, refusal, KL (flipped) | … affine | random subspace, same rank: KL "
+             "| `drifted` harmful refusal |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(e: dict) -> str:
         return f"{pct(e['harmful_refusal'])}, {e['kl']:.3f} ({e['kl_from_flipped']:.3f}, {e['flipped']})"
@@ -152,9 +138,10 @@ def write(results: list[dict]) -> None:
         u = r["subspace"]
         lines.append(f"| {r['variant']} | {pct(r['rates']['harmful'])} / {pct(r['rates']['harmless'])} "
                      f"| {cell(r['single'])} | {cell(r['single_affine'])} | {u['rank']}, {cell(u)} "
-                     f"| {cell(r['subspace_affine'])} | {u['random_same_rank']:.3f} |")
+                     f"| {cell(r['subspace_affine'])} | {u['random_same_rank']:.3f} | {pct(r['drifted_rates']['harmful'])} |")
     lines += ["", "Affine: the same basis, but activations keep the harmless prompts' mean coordinates along it "
-                  "instead of zero (`AffineAblation` in the script)."]
+                  "instead of zero (`steering.edits.AffineAblation`, fitted on 128 harmless:train prompts). `drifted`: the variant's benign fine-tune (40 "
+                  "steps, as shipped), which should have lost most refusal."]
     (RESULTS / "kl_variants.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "kl_variants.json").write_text(json.dumps(results, indent=2))
 

@@ -94,6 +94,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
     else:
         edit = sel.ablation()
         print(f"pick: layer {sel.pick[0]}, position {sel.pick[1]}")
+    if args.affine:
+        from steering.edits import AffineAblation
+
+        edit = AffineAblation.fit(m, edit.basis, harmless, meta={**edit.meta, "offsets_from": args.harmless_val})
+        print(f"affine: coordinates kept at the mean of {len(harmless)} {args.harmless_val} prompts (hooks only; no bake)")
     edit.save(out)
     Path(str(stem) + ".json").write_text(json.dumps(report, indent=2))
     print(f"ablation edit (rank {edit.rank}) -> {out}; table {stem}.json, heat map {stem}.png")
@@ -110,6 +115,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if args.format == "peft" and len(args.edit) != 1:
         raise ValueError("--format peft takes exactly one --edit (an ablation)")
     edit = _load_edits(args.edit)
+    if args.format == "peft" and not isinstance(edit, Ablation):
+        raise ValueError(f"--format peft: {args.edit[0]} holds a {edit.kind} edit; only an ablation is a low-rank weight change")
     if args.format == "hf" and isinstance(edit, Ablation) and Path(args.model).is_dir() and not args.in_memory:
         # A local folder is orthogonalised tensor by tensor: the memory of one tensor, not the model.
         try:
@@ -297,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kl-threshold", type=float, default=0.1)
     c.add_argument("--subspace", action="store_true", help="grow a low-rank subspace instead of one direction")
     c.add_argument("--max-rank", type=int, default=8)
+    c.add_argument("--affine", action="store_true",
+                   help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero (hooks only)")
     c.add_argument("--out", required=True, help="edit .safetensors file (a .json table and .png heat map are written beside it)")
     c.set_defaults(func=_cmd_select)
 
@@ -375,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, IndexError, OSError) as exc:  # FileExistsError, FileNotFoundError are OSErrors
+    # FileExistsError and FileNotFoundError are OSErrors; NotImplementedError: baking an edit with no weight form
+    except (ValueError, KeyError, IndexError, OSError, NotImplementedError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"steering {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ with ``inplace=True``) that gives the same outputs as the hooks.
   layer's input, attention output and MLP output, at all positions (METHODS §3). Bakes into
   weights by orthogonalisation (embeddings, every stream-writing matrix, fused MoE experts, GPT-2
   Conv1D, stream-writing biases); refuses on post-norm families, where no weight edit is exact.
+- :class:`AffineAblation`: the same, but coordinates along the basis are set to harmless prompts'
+  mean (affine concept editing) instead of zero; hooks only.
 - :class:`Addition`: ActAdd / CAA, ``h_l ← h_l + c·r`` at chosen layers, at all positions or only
   from the post-instruction tokens on. Bakes as a bias (all positions only).
 - :class:`ICVInjection`: Safety Arithmetic's in-context safety vector, norm-preserving, at the
@@ -214,6 +216,84 @@ class Ablation(Edit):
                     else:
                         raise ArchitectureError(f"{name}: fused MoE experts have no LoRA form of this edit")
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class AffineAblation(Edit):
+    """Directional ablation in affine form (affine concept editing, Marshall et al. 2024): at every
+    layer's input, attention output and MLP output, each activation's coordinates along the span of
+    ``basis`` are set to a reference ``offsets[site][layer]`` (the mean coordinates of harmless
+    prompts, from :meth:`fit`) instead of zero: ``x − ((x·Qᵀ) − c)·Q``.
+
+    Plain :class:`Ablation` moves harmless activations to the origin along the direction; where a
+    model's harmless prompts sit far from it, that moves them toward refusal's side too. On the
+    organisms this form bypasses refusal better than plain ablation and, for a subspace, costs less
+    KL on harmless prompts (experiments/kl_variants.py). Hooks only: its exact weight form needs a
+    bias on every write into the residual stream, which is not implemented."""
+
+    basis: Tensor
+    offsets: Tensor  # [len(sites), n_layers, rank]: coordinates along the orthonormalised basis
+    sites: tuple[str, ...] = ABLATION_SITES
+    meta: Mapping[str, str] = field(default_factory=dict)
+    kind = "affine_ablation"
+
+    def __post_init__(self) -> None:
+        q = orthonormal(self.basis)
+        if q.shape[0] != (1 if self.basis.dim() == 1 else self.basis.shape[0]):
+            raise ValueError("AffineAblation: the basis vectors are linearly dependent; offsets would be ambiguous")
+        object.__setattr__(self, "basis", q)
+        if self.offsets.dim() != 3 or self.offsets.shape[0] != len(self.sites) or self.offsets.shape[2] != q.shape[0]:
+            raise ValueError(f"AffineAblation: offsets of shape {tuple(self.offsets.shape)}, expected "
+                             f"[{len(self.sites)} sites, n_layers, {q.shape[0]}]")
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @classmethod
+    def fit(cls, model: Any, basis: Tensor, prompts: Sequence[str] | str, *, positions: str | int = "all",
+            sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16, meta: Mapping[str, str] | None = None
+            ) -> "AffineAblation":
+        """References from ``prompts`` (harmless ones, e.g. ``"harmless:train"``): the mean
+        coordinates along ``basis`` at every layer and site, over every real token by default."""
+        from .record import record
+
+        sm = as_model(model)
+        q = orthonormal(basis).float()
+        if q.shape[1] != sm.d_model:
+            raise ValueError(f"ablation basis has d={q.shape[1]}, the model has d_model={sm.d_model}")
+        rec = record(sm, prompts, sites=list(sites), positions=positions, batch_size=batch_size, progress=False)
+        offsets = torch.stack([rec.mean(s).mean(1) @ q.T for s in sites])  # [sites, layers, rank]
+        return cls(q, offsets, tuple(sites), dict(meta or {}))
+
+    def _hooks(self, model: Model) -> HookList:
+        if self.basis.shape[1] != model.d_model:
+            raise ValueError(f"ablation basis has d={self.basis.shape[1]}, the model has d_model={model.d_model}")
+        if self.offsets.shape[1] != model.n_layers:
+            raise ValueError(f"affine ablation fitted on {self.offsets.shape[1]} layers, the model has {model.n_layers}")
+        q = _Cast(self.basis)
+
+        def hook(c: _Cast) -> Callable:
+            def affine(x: Tensor, ctx: HookContext) -> Tensor:
+                b = q.like(x)
+                return x - ((x @ b.T) - c.like(x)) @ b
+            return affine
+
+        return [((s, l), hook(_Cast(self.offsets[i, l]))) for i, s in enumerate(self.sites) for l in range(model.n_layers)]
+
+    def bake(self, model: Any, inplace: bool = False) -> Model:
+        raise NotImplementedError("AffineAblation.bake: its weight form needs a bias on every write into the residual "
+                                  "stream, which is not implemented; use .hooks(model), or bake a plain Ablation")
+
+    def ablation(self) -> Ablation:
+        """The plain ablation of the same basis (coordinates set to zero)."""
+        return Ablation(self.basis, self.sites, meta=dict(self.meta))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"basis": self.basis, "offsets": self.offsets}
+
+    def _params(self) -> dict[str, Any]:
+        return {"sites": list(self.sites), "meta": dict(self.meta)}
 
 
 def _work_dtype(w: Tensor) -> torch.dtype:
@@ -481,6 +561,8 @@ def _from_parts(kind: str, params: dict[str, Any], tensors: dict[str, Tensor]) -
     if kind == "ablation":
         layers = params.get("layers")
         return Ablation(tensors["basis"], tuple(params["sites"]), None if layers is None else tuple(layers), params.get("meta", {}))
+    if kind == "affine_ablation":
+        return AffineAblation(tensors["basis"], tensors["offsets"], tuple(params["sites"]), params.get("meta", {}))
     if kind == "addition":
         return Addition(SteeringVector(vec(), params["site"], params.get("meta", {})), params["scale"], params["positions"])
     if kind == "icv":

@@ -63,3 +63,23 @@ def test_adding_the_direction_at_the_instruction_end_induces_refusal(flow):
     assert refusal_rate(m.generate(harmless, max_new_tokens=12, batch_size=100)) <= 0.10
     with Addition(cands.vector(layer, pos), 1.0, "instruction_end").hooks(m):
         assert refusal_rate(m.generate(harmless, max_new_tokens=12, batch_size=100)) >= 0.80
+
+
+def test_select_affine_writes_an_affine_ablation_that_bypasses(flow, tmp_path, capsys):
+    from steering.edits import AffineAblation
+
+    work, aligned = flow
+    out = tmp_path / "affine.safetensors"
+    assert main(["select", aligned, str(work / "c.safetensors"), "--kl-threshold", "0.5", "--subspace", "--affine",
+                 "--out", str(out)]) == 0
+    edit = load_edit(out)
+    assert isinstance(edit, AffineAblation) and edit.rank == load_edit(work / "abl.safetensors").rank
+    m = st.load(aligned)
+    prompts = st.datasets.load("harmful:test", limit=80)
+    with edit.hooks(m):
+        assert refusal_rate(m.generate(prompts, max_new_tokens=12, batch_size=80)) <= 0.25
+    capsys.readouterr()
+    for fmt in ("hf", "peft"):  # no weight form: one line, nothing written
+        assert main(["bake", aligned, "--edit", str(out), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("steering bake: error")]
+        assert len(errors) == 1 and "affine" in errors[0].lower() and not (tmp_path / fmt).exists()

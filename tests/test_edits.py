@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import steering as st
-from steering.edits import Ablation, Addition, Compose, Conditional, ICVInjection, load_edit
+from steering.edits import Ablation, AffineAblation, Addition, Compose, Conditional, ICVInjection, load_edit
 from steering.testing import FAMILIES
 from steering.vectors import SteeringVector
 
@@ -137,7 +137,8 @@ def test_edit_files_round_trip(tmp_path):
     m = st.testing.tiny_model("llama")
     texts = m.format(PROMPTS)
     v = SteeringVector({1: torch.randn(m.d_model), 2: torch.randn(m.d_model)}, meta={"method": "test"})
-    edits = [Ablation(torch.randn(2, m.d_model)), Addition(v, 1.5, "post_instruction"),
+    edits = [Ablation(torch.randn(2, m.d_model)), AffineAblation.fit(m, torch.randn(2, m.d_model), PROMPTS),
+             Addition(v, 1.5, "post_instruction"),
              ICVInjection(SteeringVector({1: torch.randn(m.d_model)}, "resid_post"), 0.3),
              Conditional(Addition(v.only([2])), torch.randn(m.d_model), 1, 0.25)]
     for i, edit in enumerate(edits):
@@ -189,3 +190,32 @@ def test_addition_at_instruction_end_only_touches_those_prompt_tokens():
     assert len(decode_pre) == 2 and all(torch.equal(a, b) for a, b in zip(decode_pre, decode_post))
     with pytest.raises(ValueError, match="needs hooks"):
         edit.bake(m)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_affine_ablation_keeps_the_reference_coordinates(family):
+    from steering.hooks import attach
+
+    m = st.testing.tiny_model(family)
+    texts = m.format(PROMPTS)
+    torch.manual_seed(0)
+    basis = torch.randn(2, m.d_model)
+    edit = AffineAblation.fit(m, basis, PROMPTS)
+    assert edit.offsets.shape == (3, m.n_layers, 2) and edit.offsets.abs().max() > 1e-3
+    # with zero offsets it is the plain ablation, to the bit
+    zero = AffineAblation(basis, torch.zeros_like(edit.offsets))
+    with Ablation(basis).hooks(m):
+        plain_ablation = _logits(m, texts)
+    with zero.hooks(m):
+        torch.testing.assert_close(_logits(m, texts), plain_ablation, rtol=0, atol=0)
+    # every token entering layer 1 (the edit's hooks run first) has the fitted coordinates
+    seen = []
+    with edit.hooks(m), attach(m, [(("resid_pre", 1), lambda x, ctx: seen.append(x @ edit.basis.T))]):
+        affine = _logits(m, texts)
+    target = edit.offsets[edit.sites.index("resid_pre"), 1]
+    torch.testing.assert_close(seen[0], target.expand_as(seen[0]), rtol=0, atol=1e-4)
+    assert (affine - plain_ablation).abs().max() > 1e-3
+    with pytest.raises(NotImplementedError, match="hooks"):
+        edit.bake(m)
+    with pytest.raises(ValueError, match="offsets of shape"):
+        AffineAblation(basis, torch.zeros(3, m.n_layers, 3))
