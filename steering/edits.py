@@ -285,10 +285,6 @@ class AffineAblation(Edit):
         raise NotImplementedError("AffineAblation.bake: its weight form needs a bias on every write into the residual "
                                   "stream, which is not implemented; use .hooks(model), or bake a plain Ablation")
 
-    def ablation(self) -> Ablation:
-        """The plain ablation of the same basis (coordinates set to zero)."""
-        return Ablation(self.basis, self.sites, meta=dict(self.meta))
-
     def _tensors(self) -> dict[str, Tensor]:
         return {"basis": self.basis, "offsets": self.offsets}
 
