@@ -13,7 +13,7 @@ validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
 - the selected single direction ablated: harmful:test refusal and KL on 256 harmless:test prompts,
   and how much of that KL comes from the harmless prompts whose judged refusal the ablation flips
   (the organism over-refuses a few harmless prompts; an ablation that works un-refuses them, and
-  each such prompt costs several nats);
+  each such prompt costs over a nat on average);
 - the subspace grown from the last five positions' candidates (`--subspace`), likewise;
 - random subspaces of the same rank (mean of 5), the control: an ablation that carries no refusal;
 - both ablations in affine form (`steering.edits.AffineAblation`: activations keep the mean
