@@ -60,14 +60,20 @@ def harmless_kl(model: st.Model, edit, n: int = 256) -> float:
     return kl_div(base, new)
 
 
-def kl_breakdown(model: st.Model, edit, n: int = 256, seed: int = 0) -> dict:
+def harmless_reference(model: st.Model, n: int = 256) -> tuple[list[str], torch.Tensor, list[bool]]:
+    """The unedited model on ``n`` harmless:test prompts: the prompts, last-token log-probs, judged refusals."""
+    prompts = st.datasets.load("harmless:test", limit=n)
+    plain = [is_refusal(o) for o in model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)]
+    return prompts, last_logprobs(model, prompts), plain
+
+
+def kl_breakdown(model: st.Model, edit, n: int = 256, seed: int = 0, reference: tuple | None = None) -> dict:
     """Where an ablation's KL on harmless prompts comes from: the prompts whose judged refusal the
     edit flips (the organism refuses some harmless prompts, and an ablation that works un-refuses
     them), the rest (a change of which helpful opening comes first), and, as a control, random
-    subspaces of the same rank (mean of 5)."""
-    prompts = st.datasets.load("harmless:test", limit=n)
-    base = last_logprobs(model, prompts)
-    plain = [is_refusal(o) for o in model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)]
+    subspaces of the same rank (mean of 5). ``reference``: :func:`harmless_reference` of the same
+    model and ``n``, to share between several edits."""
+    prompts, base, plain = reference or harmless_reference(model, n)
     with edit.hooks(model):
         new = last_logprobs(model, prompts)
         edited = [is_refusal(o) for o in model.generate(prompts, max_new_tokens=N_NEW, batch_size=64)]

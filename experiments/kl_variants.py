@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import steering as st  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.extract import diff_in_means  # noqa: E402
-from directions import kl_breakdown  # noqa: E402
+from directions import harmless_reference, kl_breakdown  # noqa: E402
 from steering.edits import AffineAblation  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 from steering.select import select_direction, select_subspace  # noqa: E402
@@ -89,10 +89,10 @@ def build(name: str) -> organisms.Organisms:
         organisms.HELPFUL[:], organisms.COMPLY[:] = saved
 
 
-def measure(m: st.Model, edit, harmful: list[str]) -> dict:
+def measure(m: st.Model, edit, harmful: list[str], reference: tuple) -> dict:
     with edit.hooks(m):
         refusal = refusal_rate(m.generate(harmful, max_new_tokens=N_NEW, batch_size=64))
-    return {"rank": edit.rank, "harmful_refusal": refusal, **kl_breakdown(m, edit)}
+    return {"rank": edit.rank, "harmful_refusal": refusal, **kl_breakdown(m, edit, reference=reference)}
 
 
 def run(name: str) -> dict:
@@ -102,16 +102,17 @@ def run(name: str) -> dict:
     hv, sv = st.datasets.load("harmful:val", limit=32), st.datasets.load("harmless:val", limit=32)
     htr, harmless_tr = st.datasets.load("harmful:train", limit=128), st.datasets.load("harmless:train", limit=128)
     harmful = st.datasets.load("harmful:test")
+    ref = harmless_reference(m)  # the unedited model's side of every KL below, computed once
     res = {"variant": name, "recipe": VARIANTS[name][0], "openings": VARIANTS[name][1], "rates": org.rates["aligned"],
            "drifted_rates": org.rates["drifted"]}
     sel = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="post_instruction"), hv, sv, kl_threshold=2.0,
                            progress=False)
-    res["single"] = {**measure(m, sel.ablation(), harmful), "pick": list(sel.pick)}
-    res["single_affine"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr), harmful)
+    res["single"] = {**measure(m, sel.ablation(), harmful, ref), "pick": list(sel.pick)}
+    res["single_affine"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr), harmful, ref)
     sel5 = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
     sub = select_subspace(m, sel5, hv, sv, kl_threshold=2.0).ablation()
-    res["subspace"] = measure(m, sub, harmful)
-    res["subspace_affine"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr), harmful)
+    res["subspace"] = measure(m, sub, harmful, ref)
+    res["subspace_affine"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr), harmful, ref)
     res["seconds"] = time.time() - t0
     print(json.dumps(res), flush=True)
     return res

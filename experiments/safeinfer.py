@@ -102,10 +102,6 @@ def why_guided(D, U, best: dict) -> dict:
     amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
     tok = D._tok()
 
-    def new_generation(prev, input_ids) -> bool:
-        return (prev is None or prev.shape[0] != input_ids.shape[0] or prev.shape[1] + 1 != input_ids.shape[1]
-                or not torch.equal(input_ids[:, :-1].to(prev.device), prev))
-
     class Recorder(safeinfer.GuidedDecoding):
         def __init__(self, unsafe):
             super().__init__(unsafe, gamma=0.0, pad_token_id=tok.pad_token_id)
@@ -113,7 +109,7 @@ def why_guided(D, U, best: dict) -> dict:
             self.last = None
 
         def __call__(self, input_ids, scores):
-            fresh = new_generation(self._ids, input_ids)
+            fresh = not self.continues(input_ids)
             lu = self.unsafe_logprobs(input_ids).to(scores.device)
             ls = torch.log_softmax(scores.float(), -1)
             if fresh:
@@ -154,7 +150,7 @@ def why_guided(D, U, best: dict) -> dict:
             self.margin, self.first, self.start = margin, first, None
 
         def __call__(self, input_ids, scores):
-            if new_generation(self._ids, input_ids):
+            if not self.continues(input_ids):
                 self.start = input_ids.shape[1]
             lu = self.unsafe_logprobs(input_ids).to(scores.device)
             ls = torch.log_softmax(scores.float(), -1)

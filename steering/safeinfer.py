@@ -66,14 +66,17 @@ class GuidedDecoding(LogitsProcessor):
     def reset(self) -> None:
         self._ids = self._past = self._mask = None
 
+    def continues(self, input_ids: Tensor) -> bool:
+        """Whether ``input_ids`` is the last call's sequences plus one token (else: a new generation)."""
+        return (self._ids is not None and input_ids.shape[0] == self._ids.shape[0]
+                and input_ids.shape[1] == self._ids.shape[1] + 1
+                and torch.equal(input_ids[:, :-1].to(self._ids.device), self._ids))
+
     @torch.no_grad()
     def unsafe_logprobs(self, input_ids: Tensor) -> Tensor:
         hf = self.unsafe.hf
         dev = self.unsafe.device
-        cont = (self._ids is not None and input_ids.shape[0] == self._ids.shape[0]
-                and input_ids.shape[1] == self._ids.shape[1] + 1
-                and torch.equal(input_ids[:, :-1].to(self._ids.device), self._ids))
-        if cont:
+        if self.continues(input_ids):
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
             pos = self._mask.sum(1, keepdim=True) - 1
             out = hf(input_ids=input_ids[:, -1:].to(dev), attention_mask=self._mask, position_ids=pos,
