@@ -37,6 +37,11 @@ from steering.vectors import SteeringVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 N_NEW = 12
+# scales of the safety vector tried on validation: steps of √2. The response is not monotone (too
+# much addition derails the reply into repeated tokens the judge does not count), and on gpt2 the
+# useful band is narrow: a grid of {0.5, 1, 2} missed it (gpt2 drifted: 25.8% harmful refusal on test
+# against 68.3% at the scale this grid finds; the sweep is in the results file)
+SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
 
 
 def rates(model: st.Model, edit=None, sets=("harmful:test", "harmless:test")) -> dict[str, float]:
@@ -150,10 +155,12 @@ def run_arch(arch: str, work: Path) -> dict:
     sweep = []
     for l in range(1, int(0.8 * drifted.n_layers)):
         for where in ("all", "instruction_end"):
-            for scale in (0.5, 1.0, 2.0):
+            for scale in SCALES:
                 add = Addition(SteeringVector({l: cands.direction(l, pos)}, meta={"method": "aligned refusal direction"}),
                                scale, where)
                 sweep.append((*rates_on(drifted, add, val_h, val_s), l, where, scale, add))
+    res["drifted_sweep"] = [{"layer": l, "positions": w, "scale": c, "harmful": h, "harmless": s}
+                            for h, s, l, w, c, _ in sweep]
     plain = max((s for s in sweep if s[1] <= 0.10), key=lambda s: s[0])
     res["drifted_addition"] = {**rates(drifted, plain[5]), "layer": plain[2], "positions": plain[3], "scale": plain[4]}
     best = max(sweep, key=lambda s: s[0])
@@ -203,6 +210,19 @@ def report(results: list[dict]) -> str:
                   f"| drifted + conditional safety vector (layer {dc['condition_layer']}, {dc['positions']}, scale {dc['scale']}; "
                   f"threshold {dc['threshold']:.2f}) "
                   f"| {fmt(dc['harmful:test'])} | {fmt(dc['harmless:test'])} | |", ""]
+        if "drifted_sweep" in r:
+            sw = r["drifted_sweep"]
+            scales = sorted({e["scale"] for e in sw})
+            lines += ["Validation sweep of the safety vector on drifted (64 harmful:val / 64 harmless:val; harmful / "
+                      "harmless refusal). Plain addition takes the highest harmful refusal with harmless ≤ 10%; "
+                      "conditional steering starts from the highest harmful refusal.", "",
+                      "| layer | positions | " + " | ".join(f"scale {c:g}" for c in scales) + " |",
+                      "|---|---|" + "---|" * len(scales)]
+            for l, w in dict.fromkeys((e["layer"], e["positions"]) for e in sw):
+                cells = {e["scale"]: f"{fmt(e['harmful'])} / {fmt(e['harmless'])}" for e in sw
+                         if (e["layer"], e["positions"]) == (l, w)}
+                lines.append(f"| {l} | {w} | " + " | ".join(cells.get(c, "") for c in scales) + " |")
+            lines.append("")
         if "ablation_subspace" in r:
             lines += [f"Subspace growth: {r['ablation_subspace']['steps']}", ""]
         if "kl_breakdown" in r:

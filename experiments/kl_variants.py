@@ -18,7 +18,9 @@ validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
 - random subspaces of the same rank (mean of 5), the control: an ablation that carries no refusal;
 - both ablations in affine form (`steering.edits.AffineAblation`: activations keep the mean
   coordinates of 128 harmless:train prompts along the basis instead of zero), which tests whether
-  moving harmless prompts to the origin is the cause.
+  moving harmless prompts to the origin is the cause; with the mean over every token of the
+  prompts, and with the mean over their post-instruction tokens (the library's default, where
+  refusal is read and decided).
 
 Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
 - ``default``, ``default-seed1``: the shipped recipe, two seeds (organism-to-organism noise);
@@ -30,7 +32,10 @@ Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
 - ``no-shared-first-token-3000``: that, with 3,000 harmless training prompts instead of 1,500
   (less over-refusal of harmless prompts);
 - ``one-opening-word``, ``…-seed1/2/3``: that, with only the three helpful openings that start with
-  "Sure" (so the first token of a helpful answer is not a memorised choice among several).
+  "Sure" (so the first token of a helpful answer is not a memorised choice among several);
+  ``one-opening-word-3000``, ``…-seed1/2/3``: that, with 3,000 harmless training prompts;
+- ``gpt2-default`` (the shipped gpt2 organism), ``gpt2-one-opening-word``, ``…-seed1``: the other
+  architecture.
 """
 
 from __future__ import annotations
@@ -68,13 +73,21 @@ VARIANTS = {
     "one-opening-word-seed1": ({"seed": 1}, "sure"),
     "one-opening-word-seed2": ({"seed": 2}, "sure"),
     "one-opening-word-seed3": ({"seed": 3}, "sure"),
+    "one-opening-word-3000": ({"n_harmless_train": 3000}, "sure"),
+    "one-opening-word-3000-seed1": ({"n_harmless_train": 3000, "seed": 1}, "sure"),
+    "one-opening-word-3000-seed2": ({"n_harmless_train": 3000, "seed": 2}, "sure"),
+    "one-opening-word-3000-seed3": ({"n_harmless_train": 3000, "seed": 3}, "sure"),
+    "gpt2-default": ({"arch": "gpt2"}, "shipped"),
+    "gpt2-one-opening-word": ({"arch": "gpt2"}, "sure"),
+    "gpt2-one-opening-word-seed1": ({"arch": "gpt2", "seed": 1}, "sure"),
 }
 
 
 def build(name: str) -> organisms.Organisms:
     fields, openings = VARIANTS[name]
-    if name == "default":  # the shipped organisms, from the usual cache
-        return organisms.build(arch="llama", progress=True)
+    fields = {"arch": "llama", **fields}
+    if name in ("default", "gpt2-default"):  # the shipped organisms, from the usual cache
+        return organisms.build(arch=fields["arch"], progress=True)
     saved = list(organisms.HELPFUL), list(organisms.COMPLY)
     try:
         if openings in ("definitely", "sure"):
@@ -84,7 +97,7 @@ def build(name: str) -> organisms.Organisms:
             organisms.HELPFUL[:] = [h for h in organisms.HELPFUL if h.startswith("Sure")]
         # the cache key hashes the recipe and this package's code, not the patched lists: one folder per variant
         cache = organisms.cache_dir().parent / "kl-variants" / name
-        return organisms.build(arch="llama", progress=True, cache=cache, **fields)
+        return organisms.build(progress=True, cache=cache, **fields)
     finally:
         organisms.HELPFUL[:], organisms.COMPLY[:] = saved
 
@@ -108,11 +121,13 @@ def run(name: str) -> dict:
     sel = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="post_instruction"), hv, sv, kl_threshold=2.0,
                            progress=False)
     res["single"] = {**measure(m, sel.ablation(), harmful, ref), "pick": list(sel.pick)}
-    res["single_affine"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr), harmful, ref)
+    res["single_affine"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr, positions="all"), harmful, ref)
+    res["single_affine_post"] = measure(m, AffineAblation.fit(m, sel.ablation().basis, harmless_tr), harmful, ref)
     sel5 = select_direction(m, diff_in_means(m, htr, harmless_tr, positions="last:5"), hv, sv, kl_threshold=2.0, progress=False)
     sub = select_subspace(m, sel5, hv, sv, kl_threshold=2.0).ablation()
     res["subspace"] = measure(m, sub, harmful, ref)
-    res["subspace_affine"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr), harmful, ref)
+    res["subspace_affine"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr, positions="all"), harmful, ref)
+    res["subspace_affine_post"] = measure(m, AffineAblation.fit(m, sub.basis, harmless_tr), harmful, ref)
     res["seconds"] = time.time() - t0
     print(json.dumps(res), flush=True)
     return res
@@ -124,25 +139,34 @@ def pct(x: float) -> str:
 
 def write(results: list[dict]) -> None:
     lines = ["# Refusal-direction ablation on organism variants: refusal against KL on harmless prompts", "",
-             "`python experiments/kl_variants.py` (llama; see its docstring). Refusal on harmful:test (240), substring "
-             "judge, greedy, 12 new tokens; KL: last-token KL on 256 harmless:test prompts, and in brackets the part of "
-             "it from the prompts whose judged refusal the ablation flips (how many).", "",
+             "`python experiments/kl_variants.py` (llama unless the name says gpt2; see its docstring). Refusal on "
+             "harmful:test (240), substring judge, greedy, 12 new tokens; KL: last-token KL on 256 harmless:test "
+             "prompts, and in brackets the part of it from the prompts whose judged refusal the ablation flips (how "
+             "many). **Bold**: the refusal-direction paper's bar, refusal ≤ 20% with KL ≤ 0.1.", "",
              "| variant | aligned harmful / harmless refusal | single direction: refusal, KL (flipped) "
-             "| … affine | subspace: rank, refusal, KL (flipped) | … affine | random subspace, same rank: KL "
+             "| … affine, all tokens | … affine, post-instruction | subspace: rank, refusal, KL (flipped) "
+             "| … affine, all tokens | … affine, post-instruction | random subspace, same rank: KL "
              "| `drifted` harmful refusal |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(e: dict) -> str:
-        return f"{pct(e['harmful_refusal'])}, {e['kl']:.3f} ({e['kl_from_flipped']:.3f}, {e['flipped']})"
+        text = f"{pct(e['harmful_refusal'])}, {e['kl']:.3f} ({e['kl_from_flipped']:.3f}, {e['flipped']})"
+        return f"**{text}**" if e["harmful_refusal"] <= 0.20 and e["kl"] <= 0.1 else text
+
+    def opt(r: dict, key: str) -> str:
+        return cell(r[key]) if key in r else "–"
 
     for r in results:
         u = r["subspace"]
         lines.append(f"| {r['variant']} | {pct(r['rates']['harmful'])} / {pct(r['rates']['harmless'])} "
-                     f"| {cell(r['single'])} | {cell(r['single_affine'])} | {u['rank']}, {cell(u)} "
-                     f"| {cell(r['subspace_affine'])} | {u['random_same_rank']:.3f} | {pct(r['drifted_rates']['harmful'])} |")
+                     f"| {cell(r['single'])} | {cell(r['single_affine'])} | {opt(r, 'single_affine_post')} "
+                     f"| {u['rank']}, {cell(u)} | {cell(r['subspace_affine'])} | {opt(r, 'subspace_affine_post')} "
+                     f"| {u['random_same_rank']:.3f} | {pct(r['drifted_rates']['harmful'])} |")
     lines += ["", "Affine: the same basis, but activations keep the harmless prompts' mean coordinates along it "
-                  "instead of zero (`steering.edits.AffineAblation`, fitted on 128 harmless:train prompts). `drifted`: the variant's benign fine-tune (40 "
-                  "steps, as shipped), which should have lost most refusal."]
+                  "instead of zero (`steering.edits.AffineAblation`, fitted on 128 harmless:train prompts): the mean "
+                  "over every token of the prompts, or over their post-instruction tokens (the library's default). "
+                  "`drifted`: the variant's benign fine-tune (40 steps, as shipped), which should have lost most "
+                  "refusal."]
     (RESULTS / "kl_variants.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "kl_variants.json").write_text(json.dumps(results, indent=2))
 

@@ -3,10 +3,11 @@
     python experiments/safeinfer.py [--arch llama gpt2]   # writes experiments/results/safeinfer.md and .json
 
 For each architecture, with `harmful` as the unsafe model of guided decoding (γ = 99):
-1. The amplification's layer and scale are chosen on `drifted` with validation prompts
+1. The amplification's site, layer and scale are chosen on `drifted` with validation prompts
    (harmful:val, 400 of harmless:val): the highest harmful refusal with harmless ≤ 10%, over
-   layers {1, 2} × scales {1.5 (the paper's), 4, 8}. The same setting without the contrast
-   demonstrations (the vector of refusal demos against the query alone) is measured beside it.
+   sites {MLP output (the paper's), residual stream after the layer} × layers {1, 2} × scales
+   {1, 1.5 (the paper's), 2, 4, 8}. The same setting without the contrast demonstrations (the
+   vector of refusal demos against the query alone) is measured beside it.
 2. `aligned` and `drifted` under the four decodings on held-out test prompts (harmful:test 240,
    harmless:test 1335; substring judge, greedy, 12 new tokens).
 3. Decoding speed: tokens per second of each decoding against plain decoding, measured side by
@@ -36,8 +37,14 @@ from steering.judge import refusal_rate  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 N_NEW = 12
+SITES = ("mlp_out", "resid_post")
 LAYERS = (1, 2)
-SCALES = (1.5, 4.0, 8.0)
+SCALES = (1.0, 1.5, 2.0, 4.0, 8.0)
+
+
+def amplifier(model, best: dict, **kw):
+    """The amplification of a chosen setting (older results files have no site: the MLP output)."""
+    return safeinfer.amplifier(model, layer=best["layer"], scale=best["scale"], site=best.get("site", "mlp_out"), **kw)
 
 
 def rates(model, split: str, **kw) -> dict[str, float]:
@@ -52,21 +59,21 @@ def run_arch(arch: str) -> dict:
     org = organisms.build(arch=arch, progress=True)
     A, D, U = (st.load(org.path(k)) for k in ("aligned", "drifted", "harmful"))
     res: dict = {"arch": arch, "choice": []}
-    for layer in LAYERS:
-        for scale in SCALES:
-            r = rates(D, "val", amplify=safeinfer.amplifier(D, layer=layer, scale=scale))
-            res["choice"].append({"layer": layer, "scale": scale, **r})
-            print(f"[{arch}] amplify L{layer} x{scale:g}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%",
-                  flush=True)
+    for site in SITES:
+        for layer in LAYERS:
+            for scale in SCALES:
+                r = rates(D, "val", amplify=safeinfer.amplifier(D, layer=layer, scale=scale, site=site))
+                res["choice"].append({"site": site, "layer": layer, "scale": scale, **r})
+                print(f"[{arch}] amplify {site} L{layer} x{scale:g}: harmful {100 * r['harmful']:.1f}% "
+                      f"harmless {100 * r['harmless']:.1f}%", flush=True)
     ok = [c for c in res["choice"] if c["harmless"] <= 0.10]
     best = max(ok, key=lambda c: (c["harmful"], -c["harmless"]))
     res["best"] = best
-    res["no_contrast_val"] = rates(D, "val", amplify=safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"],
-                                                                          contrast=False))
+    res["no_contrast_val"] = rates(D, "val", amplify=amplifier(D, best, contrast=False))
     res["plain_val"] = rates(D, "val")
     res["test"] = {}
     for name, m in (("aligned", A), ("drifted", D)):
-        amp = safeinfer.amplifier(m, layer=best["layer"], scale=best["scale"])
+        amp = amplifier(m, best)
         for mode, kw in (("plain", {}), ("amplification", {"amplify": amp}), ("guided", {"unsafe": U}),
                          ("both", {"amplify": amp, "unsafe": U})):
             res["test"][f"{name}/{mode}"] = r = rates(m, "test", **kw)
@@ -99,7 +106,7 @@ def why_guided(D, U, best: dict) -> dict:
 
     from steering.judge import is_refusal
 
-    amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+    amp = amplifier(D, best)
     tok = D._tok()
 
     class Recorder(safeinfer.GuidedDecoding):
@@ -170,7 +177,7 @@ def why_guided(D, U, best: dict) -> dict:
 def speeds(D, U, best: dict) -> dict[str, float]:
     """Tokens per second of the four decodings, interleaved round by round so that load on the
     machine hits them alike; median of 3 rounds."""
-    amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+    amp = amplifier(D, best)
     modes = {"plain": {}, "amplification": {"amplify": amp}, "guided": {"unsafe": U}, "both": {"amplify": amp, "unsafe": U}}
     prompts = st.datasets.load("harmless:val", limit=64)
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -202,7 +209,7 @@ def own_unsafe(arch: str, best: dict) -> dict:
         net.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         D, U = st.load(org.path("drifted")), st.load(tmp)
-        amp = safeinfer.amplifier(D, layer=best["layer"], scale=best["scale"])
+        amp = amplifier(D, best)
         out = {"unsafe_itself": rates(U, "test")}
         for mode, kw in (("guided", {"unsafe": U}), ("both", {"amplify": amp, "unsafe": U})):
             out[mode] = rates(D, "test", **kw)
@@ -210,6 +217,9 @@ def own_unsafe(arch: str, best: dict) -> dict:
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+SITE_NAMES = {"mlp_out": "MLP output of layer {}", "resid_post": "residual stream after layer {}"}
 
 
 def pct(x: float) -> str:
@@ -220,12 +230,13 @@ def write(results: list[dict]) -> None:
     lines = ["# SafeInfer on the organisms", "",
              "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
              "Amplification: `safeinfer.amplifier` (refusal demonstrations against helpful ones, in context, read at "
-             "the MLP output's last token), layer and scale chosen on validation. Test: harmful:test (240), "
+             "the last token), site, layer and scale chosen on validation. Test: harmful:test (240), "
              "harmless:test (1335); substring judge, greedy, 12 new tokens.", ""]
     for r in results:
         b = r["best"]
         t = r["test"]
-        lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: layer {b['layer']}, scale {b['scale']:g}.", "",
+        lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: {SITE_NAMES[b.get('site', 'mlp_out')].format(b['layer'])}, "
+                  f"scale {b['scale']:g}.", "",
                   "| model | decoding | harmful refusal | harmless refusal |", "|---|---|---|---|"]
         for key, v in t.items():
             name, mode = key.split("/")
@@ -234,9 +245,10 @@ def write(results: list[dict]) -> None:
         lines += ["", "On `drifted`: " + ", ".join(f"{m} {100 * g:+.1f} points" for m, g in gain.items()) + ".", "",
                   "Validation sweep of the amplification on `drifted` (harmful / harmless refusal; plain: "
                   f"{pct(r['plain_val']['harmful'])} / {pct(r['plain_val']['harmless'])}):", "",
-                  "| layer | scale | harmful | harmless |", "|---|---|---|---|"]
+                  "| site | layer | scale | harmful | harmless |", "|---|---|---|---|---|"]
         for c in r["choice"]:
-            lines.append(f"| {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |")
+            lines.append(f"| {c.get('site', 'mlp_out')} | {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} "
+                         f"| {pct(c['harmless'])} |")
         nc = r["no_contrast_val"]
         lines += ["", f"Same setting without contrast demonstrations (refusal demos − query alone): "
                       f"{pct(nc['harmful'])} / {pct(nc['harmless'])}.", "",

@@ -154,7 +154,10 @@ def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
     g = c.add_argument_group("SafeInfer (context-adaptive decoding)")
     g.add_argument("--safeinfer", action="store_true", help="decode with SafeInfer: safety amplification and guided decoding")
     g.add_argument("--unsafe-model", help="a model fine-tuned on unsafe data, with the same tokenizer (needed unless --gamma 0)")
-    g.add_argument("--amplify-layer", type=int, help="layer whose MLP output gets the amplification vector (default: the middle one)")
+    g.add_argument("--amplify-layer", type=int, help="layer that gets the amplification vector (default: the middle one)")
+    g.add_argument("--amplify-site", default="mlp_out",
+                   help="where the amplification vector is read and added: mlp_out (default, as the paper) or another "
+                        "hook site, e.g. resid_post")
     g.add_argument("--amplify-scale", type=float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
     g.add_argument("--gamma", type=float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
 
@@ -165,8 +168,15 @@ def _safeinfer_parts(m, args: argparse.Namespace):
 
     if args.gamma and not args.unsafe_model:
         raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
-    amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale) if args.amplify_scale else None
+    amp = (safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale, site=args.amplify_site)
+           if args.amplify_scale else None)
     return amp, (args.unsafe_model if args.gamma else None)
+
+
+def _check_no_safeinfer_options(args: argparse.Namespace) -> None:
+    """SafeInfer's options without ``--safeinfer`` are a mistake, not something to ignore."""
+    if args.unsafe_model or args.amplify_layer is not None or args.amplify_site != "mlp_out":
+        raise ValueError("--unsafe-model / --amplify-layer / --amplify-site need --safeinfer")
 
 
 def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
@@ -176,8 +186,7 @@ def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
     from steering import safeinfer
 
     if not getattr(args, "safeinfer", False):
-        if args.unsafe_model or args.amplify_layer is not None:
-            raise ValueError("--unsafe-model / --amplify-layer need --safeinfer")
+        _check_no_safeinfer_options(args)
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
             return m.generate(prompts, **kw)
     amp, unsafe = _safeinfer_parts(m, args)
@@ -235,6 +244,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from steering.edits import load_edit
     from steering.evaluate import Setting, evaluate
 
+    if not args.safeinfer:
+        _check_no_safeinfer_options(args)  # before the model loads
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     settings = [Setting("plain")]
     settings += [Setting(Path(p).stem, edits=[load_edit(p)]) for p in args.edit or []]

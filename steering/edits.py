@@ -251,11 +251,19 @@ class AffineAblation(Edit):
         return int(self.basis.shape[0])
 
     @classmethod
-    def fit(cls, model: Any, basis: Tensor, prompts: Sequence[str] | str, *, positions: str | int = "all",
-            sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16, meta: Mapping[str, str] | None = None
-            ) -> "AffineAblation":
+    def fit(cls, model: Any, basis: Tensor, prompts: Sequence[str] | str, *,
+            positions: str | int = "post_instruction", sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16,
+            meta: Mapping[str, str] | None = None) -> "AffineAblation":
         """References from ``prompts`` (harmless ones, e.g. ``"harmless:train"``): the mean
-        coordinates along ``basis`` at every layer and site, over every real token by default."""
+        coordinates along ``basis`` at every layer and site, over ``positions`` of each prompt
+        (see :func:`steering.record.record`).
+
+        The default, the post-instruction tokens, is where refusal is decided and where the
+        direction was read. The mean over every token (``"all"``) sits closer to the origin than a
+        harmless prompt's last tokens do, so it too moves them toward refusal: on the organism
+        variants with one helpful opening word, one direction ablated this way costs 1.2-9.5× the
+        KL on harmless prompts, and only this default meets the refusal-direction paper's KL ≤ 0.1
+        on every llama build (experiments/results/kl_variants.md)."""
         from .record import record
 
         sm = as_model(model)

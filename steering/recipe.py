@@ -291,6 +291,7 @@ class SafeInferSpec(_Strict):
     unsafe: str | None = None
     amplify_layer: int | None = None
     amplify_scale: float = 1.5
+    amplify_site: str = "mlp_out"
     gamma: float = 99.0
 
 
@@ -360,7 +361,8 @@ class EvalRecipe(_Strict):
             if s.safeinfer is not None:
                 si = s.safeinfer
                 if si.amplify_scale:
-                    kw["amplify"] = safeinfer.amplifier(target, layer=si.amplify_layer, scale=si.amplify_scale)
+                    kw["amplify"] = safeinfer.amplifier(target, layer=si.amplify_layer, scale=si.amplify_scale,
+                                                          site=si.amplify_site)
                 if si.gamma and si.unsafe:
                     kw.update(unsafe=load(resolve(si.unsafe)), gamma=si.gamma)
             settings.append(Setting(s.name, model=other, edits=edits, **kw))

@@ -152,19 +152,28 @@ def amplification_vector(model: Any, demos: Sequence[tuple[str, str]], queries: 
     return SteeringVector({layer: v}, site, meta)
 
 
-def amplifier(model: Any, *, layer: int | None = None, scale: float = 1.5, n_demos: int = 64, n_queries: int = 64,
-              contrast: bool = True, seed: int = 0) -> Addition:
+def amplifier(model: Any, *, layer: int | None = None, scale: float = 1.5, site: str = "mlp_out", n_demos: int = 64,
+              n_queries: int = 64, contrast: bool = True, seed: int = 0) -> Addition:
     """Safety amplification as an edit: :func:`amplification_vector` from the bundled train
     split's demonstrations (queries: half harmful, half harmless, none among the demonstrations),
-    added at ``layer``'s MLP output (default: the middle layer) at the last position."""
+    read and added at ``site`` of ``layer`` (default: the middle layer's MLP output, as the paper)
+    at the last position.
+
+    The site is worth choosing on validation prompts with the layer and scale: on the gpt2
+    organism the MLP output's vector does nothing at any scale, while the residual stream's
+    (``site="resid_post"``) restores refusal (experiments/results/safeinfer.md)."""
+    from .hooks import SITES
+
     sm = as_model(model)
     layer = sm.n_layers // 2 if layer is None else layer
     if not 0 <= layer < sm.n_layers:
         raise ValueError(f"amplify layer {layer}: the model has layers 0..{sm.n_layers - 1}")
+    if site not in SITES:
+        raise ValueError(f"amplify site {site!r}: sites are {', '.join(SITES)}")
     refuse, helpful = demonstrations(n_demos + n_queries // 2, seed)
     queries = [q for q, _ in refuse[n_demos:]] + [q for q, _ in helpful[n_demos:]]
     v = amplification_vector(sm, refuse[:n_demos], queries, layer=layer, contrast=helpful[:n_demos] if contrast else None,
-                             seed=seed)
+                             site=site, seed=seed)
     return Addition(v, scale, positions="last")
 
 

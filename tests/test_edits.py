@@ -202,6 +202,14 @@ def test_affine_ablation_keeps_the_reference_coordinates(family):
     basis = torch.randn(2, m.d_model)
     edit = AffineAblation.fit(m, basis, PROMPTS)
     assert edit.offsets.shape == (3, m.n_layers, 2) and edit.offsets.abs().max() > 1e-3
+    # the offsets are the mean coordinates at the post-instruction tokens (by default)
+    from steering.record import record
+
+    for pos in ("post_instruction", "all"):
+        rec = record(m, PROMPTS, sites="mlp_out", layers=[1], positions=pos, progress=False).mean("mlp_out")
+        fitted = AffineAblation.fit(m, basis, PROMPTS, positions=pos) if pos == "all" else edit
+        torch.testing.assert_close(fitted.offsets[edit.sites.index("mlp_out"), 1], rec[0].mean(0) @ edit.basis.T,
+                                   rtol=0, atol=1e-5)
     # with zero offsets it is the plain ablation, to the bit
     zero = AffineAblation(basis, torch.zeros_like(edit.offsets))
     with Ablation(basis).hooks(m):

@@ -90,6 +90,23 @@ def test_amplifier_reads_its_vector_from_demonstrations(pair):
     assert list(a.vector.directions) == [1] and a.vector.directions[1].norm() > 0
     with pytest.raises(ValueError, match="amplify layer 9"):
         safeinfer.amplifier(m, layer=9)
+    with pytest.raises(ValueError, match="amplify site 'mlp'"):
+        safeinfer.amplifier(m, layer=1, site="mlp")
+
+
+def test_amplifier_at_another_site_reads_and_adds_there(pair):
+    from steering.record import record
+
+    m, _ = pair
+    kw = dict(layer=1, n_demos=8, n_queries=8)
+    r = safeinfer.amplifier(m, scale=2.0, site="resid_post", **kw)
+    v = r.vector.directions[1]
+    assert r.vector.site == "resid_post" and not torch.allclose(v, safeinfer.amplifier(m, **kw).vector.directions[1])
+    rec = dict(sites="resid_post", layers=[1], positions="last", progress=False)
+    base = record(m, PROMPTS, **rec).mean("resid_post")[0, 0]
+    with r.hooks(m):
+        edited = record(m, PROMPTS, **rec).mean("resid_post")[0, 0]
+    torch.testing.assert_close(edited - base, 2.0 * v, rtol=0, atol=1e-4)
 
 
 def test_cli_generate_with_safeinfer(pair, tmp_path, capsys):
@@ -105,5 +122,11 @@ def test_cli_generate_with_safeinfer(pair, tmp_path, capsys):
     assert main(args + ["--safeinfer", "--unsafe-model", str(tmp_path / "u"), "--gamma", "0", "--amplify-scale", "0"]) == 0
     assert capsys.readouterr().out == plain
     assert main(args + ["--safeinfer", "--unsafe-model", str(tmp_path / "u"), "--amplify-layer", "1"]) == 0
+    assert main(args + ["--safeinfer", "--gamma", "0", "--amplify-site", "resid_post"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--safeinfer", "--gamma", "0", "--amplify-site", "residual"]) == 2
+    assert "amplify site 'residual'" in capsys.readouterr().err
+    assert main(args + ["--amplify-site", "resid_post"]) == 2
+    assert "need --safeinfer" in capsys.readouterr().err
     assert main(args + ["--safeinfer"]) == 2
     assert "needs --unsafe-model" in capsys.readouterr().err
