@@ -8,9 +8,9 @@ refused unless ``overwrite=True``; an output inside a source folder is refused; 
 
 A bake can give a module a bias its family's config does not declare (an addition baked into
 Llama's bias-free MLP); such a checkpoint would load with the bias silently dropped. The writer
-therefore checks the parameters against a model built from the config and, where a config flag
-(``mlp_bias``, ``attention_bias``, ...) declares the missing biases, turns it on and gives the
-other modules it governs zero biases; otherwise it refuses, naming the tensor.
+therefore checks the parameters against a model built from the config and, where config flags
+(``mlp_bias``, ``attention_bias``, ...) declare the missing biases, turns them on and gives the
+other modules they govern zero biases; otherwise it refuses, naming the tensor.
 """
 
 from __future__ import annotations
@@ -43,28 +43,39 @@ def _param_names_for(config: Any) -> set[str]:
 def declare_new_biases(model: Model) -> list[str]:
     """Make every parameter of ``model`` one its config declares (see the module docstring).
 
-    Returns the config flags it turned on."""
+    Turns on each flag that declares some of the undeclared parameters (an affine ablation baked
+    into Llama needs both ``attention_bias`` and ``mlp_bias``) and returns those flags; refuses,
+    changing nothing, when no set of flags declares them all."""
+    config = model.hf.config
     have = {n for n, _ in model.hf.named_parameters()}
-    extra = have - _param_names_for(model.hf.config)
-    turned: list[str] = []
+    declared = _param_names_for(config)
+    extra = have - declared
     if not extra:
-        return turned
+        return []
+    turned: list[str] = []
     for flag in BIAS_FLAGS:
-        if getattr(model.hf.config, flag, None) is False:
-            setattr(model.hf.config, flag, True)
-            declared = _param_names_for(model.hf.config)
-            if extra <= declared:
+        if extra <= declared:
+            break
+        if getattr(config, flag, None) is False:
+            setattr(config, flag, True)
+            now = _param_names_for(config)
+            if (extra - declared) & now:
                 turned.append(flag)
-                for name in sorted(declared - have):
-                    owner_name, _, pname = name.rpartition(".")
-                    owner = model.hf.get_submodule(owner_name)
-                    weight = owner.weight
-                    size = weight.shape[1] if type(owner).__name__ == "Conv1D" else weight.shape[0]
-                    setattr(owner, pname, nn.Parameter(torch.zeros(size, dtype=weight.dtype, device=weight.device)))
-                return turned
-            setattr(model.hf.config, flag, False)
-    raise ValueError(f"{sorted(extra)[0]}: the edited model has this tensor but its config "
-                     f"({model.hf.config.model_type}) has no flag that declares it; it would be dropped on load")
+                declared = now
+            else:
+                setattr(config, flag, False)
+    if not extra <= declared:
+        for flag in turned:
+            setattr(config, flag, False)
+        raise ValueError(f"{sorted(extra - declared)[0]}: the edited model has this tensor but its config "
+                         f"({config.model_type}) has no flag that declares it; it would be dropped on load")
+    for name in sorted(declared - have):  # the other biases the flags govern: zeros
+        owner_name, _, pname = name.rpartition(".")
+        owner = model.hf.get_submodule(owner_name)
+        weight = owner.weight
+        size = weight.shape[1] if type(owner).__name__ == "Conv1D" else weight.shape[0]
+        setattr(owner, pname, nn.Parameter(torch.zeros(size, dtype=weight.dtype, device=weight.device)))
+    return turned
 
 
 def _tied_to(state: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, str]:

@@ -98,7 +98,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         from steering.edits import AffineAblation
 
         edit = AffineAblation.fit(m, edit.basis, harmless, meta={**edit.meta, "offsets_from": args.harmless_val})
-        print(f"affine: coordinates kept at the mean of {len(harmless)} {args.harmless_val} prompts (hooks only; no bake)")
+        print(f"affine: coordinates kept at the mean of {len(harmless)} {args.harmless_val} prompts' post-instruction tokens")
     edit.save(out)
     Path(str(stem) + ".json").write_text(json.dumps(report, indent=2))
     print(f"ablation edit (rank {edit.rank}) -> {out}; table {stem}.json, heat map {stem}.png")
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subspace", action="store_true", help="grow a low-rank subspace instead of one direction")
     c.add_argument("--max-rank", type=int, default=8)
     c.add_argument("--affine", action="store_true",
-                   help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero (hooks only)")
+                   help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero "
+                        "(bakes with --format hf, not peft)")
     c.add_argument("--out", required=True, help="edit .safetensors file (a .json table and .png heat map are written beside it)")
     c.set_defaults(func=_cmd_select)
 

@@ -228,8 +228,9 @@ class AffineAblation(Edit):
     Plain :class:`Ablation` moves harmless activations to the origin along the direction; where a
     model's harmless prompts sit far from it, that moves them toward refusal's side too. On the
     organisms this form bypasses refusal better than plain ablation and, for a subspace, costs less
-    KL on harmless prompts (experiments/kl_variants.py). Hooks only: its exact weight form needs a
-    bias on every write into the residual stream, which is not implemented."""
+    KL on harmless prompts (experiments/kl_variants.py). :meth:`bake` is exact: the
+    orthogonalisation plus biases along the basis (no LoRA form, since biases are not low-rank
+    weight deltas)."""
 
     basis: Tensor
     offsets: Tensor  # [len(sites), n_layers, rank]: coordinates along the orthonormalised basis
@@ -290,8 +291,36 @@ class AffineAblation(Edit):
         return [((s, l), hook(_Cast(self.offsets[i, l]))) for i, s in enumerate(self.sites) for l in range(model.n_layers)]
 
     def bake(self, model: Any, inplace: bool = False) -> Model:
-        raise NotImplementedError("AffineAblation.bake: its weight form needs a bias on every write into the residual "
-                                  "stream, which is not implemented; use .hooks(model), or bake a plain Ablation")
+        """Exact weight form: the plain ablation's orthogonalisation, then the reference coordinates
+        as biases along the basis. The embedding rows get layer 0's input coordinates; each
+        attention output's bias its own; each MLP output's bias whatever takes the stream to the
+        next layer's input coordinates (the last layer's: its own). A family whose attention or
+        MLP output has no bias declares one when written (Llama's ``attention_bias`` /
+        ``mlp_bias``; their other projections get zero biases); fused MoE experts and post-norm
+        families refuse."""
+        sm = as_model(model)
+        if set(self.sites) != set(ABLATION_SITES):
+            raise ValueError("AffineAblation.bake: only the full ablation (every site) has an exact weight form")
+        if self.offsets.shape[1] != sm.n_layers:
+            raise ValueError(f"affine ablation fitted on {self.offsets.shape[1]} layers, the model has {sm.n_layers}")
+        if not sm.map.spec.post_norm:  # (post-norm families: Ablation.bake raises)
+            for layer in range(sm.n_layers):
+                for which in ("attn", "mlp"):
+                    if sm.map.write_weights(layer, which)[-1][1] != "weight":
+                        raise ArchitectureError(f"layer {layer}: the {which} output is written by fused experts with no "
+                                                "bias; use AffineAblation.hooks(model)")
+        sm = Ablation(self.basis).bake(sm, inplace=inplace)  # unties the embedding, too
+        c = {site: self.offsets[i].double() for i, site in enumerate(self.sites)}  # [n_layers, rank] each
+        q = self.basis.double()
+        with torch.no_grad():
+            w = sm.map.module("embed").weight
+            w.add_((c["resid_pre"][0] @ q).to(w))
+            for layer in range(sm.n_layers):
+                att = c["attn_out"][layer]
+                nxt = c["resid_pre"][layer + 1] - c["resid_pre"][layer] - att if layer + 1 < sm.n_layers else c["mlp_out"][layer]
+                for which, coord in (("attn", att), ("mlp", nxt)):
+                    add_bias(sm.map.write_weights(layer, which)[-1][0], (coord @ q).float())
+        return sm
 
     def _tensors(self) -> dict[str, Tensor]:
         return {"basis": self.basis, "offsets": self.offsets}

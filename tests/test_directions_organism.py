@@ -77,12 +77,18 @@ def test_select_affine_writes_an_affine_ablation_that_bypasses(flow, tmp_path, c
     m = st.load(aligned)
     prompts = st.datasets.load("harmful:test", limit=80)
     with edit.hooks(m):
-        assert refusal_rate(m.generate(prompts, max_new_tokens=12, batch_size=80)) <= 0.25
+        hooked = m.generate(prompts, max_new_tokens=12, batch_size=80)
+    assert refusal_rate(hooked) <= 0.25
+    # baked into a Llama checkpoint: attention and MLP output biases declared, the same generations
+    assert main(["bake", aligned, "--edit", str(out), "--out", str(tmp_path / "hf")]) == 0
+    baked = st.load(tmp_path / "hf")
+    assert baked.hf.config.attention_bias and baked.hf.config.mlp_bias
+    assert baked.generate(prompts, max_new_tokens=12, batch_size=80) == hooked
     capsys.readouterr()
-    for fmt in ("hf", "peft"):  # no weight form: one line, nothing written
-        assert main(["bake", aligned, "--edit", str(out), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
-        errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("steering bake: error")]
-        assert len(errors) == 1 and "affine" in errors[0].lower() and not (tmp_path / fmt).exists()
+    # biases are no LoRA weight delta: one line, nothing written
+    assert main(["bake", aligned, "--edit", str(out), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("steering bake: error")]
+    assert len(errors) == 1 and "affine" in errors[0].lower() and not (tmp_path / "peft").exists()
 
 
 def test_safety_vector_restores_refusal_in_drifted_and_conditional_spares_harmless(flow, organisms_llama):

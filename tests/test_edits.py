@@ -36,6 +36,41 @@ def test_baked_orthogonalisation_equals_ablation_hooks(family):
     torch.testing.assert_close(_logits(m, texts), plain, rtol=0, atol=0)  # the source model is untouched
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baked_affine_ablation_equals_its_hooks(family, tmp_path):
+    from steering.checkpoint import write_hf
+
+    m = st.testing.tiny_model(family)
+    texts = m.format(PROMPTS)
+    torch.manual_seed(0)
+    edit = AffineAblation.fit(m, torch.randn(2, m.d_model), PROMPTS)
+    plain = _logits(m, texts)
+    with edit.hooks(m):
+        hooked = _logits(m, texts)
+    with Ablation(edit.basis).hooks(m):
+        assert (hooked - _logits(m, texts)).abs().max() > 1e-3  # the offsets matter
+    if family in POST_NORM:
+        with pytest.raises(st.ArchitectureError, match="normalised"):
+            edit.bake(m)
+        return
+    if family in ("mixtral", "qwen3_moe"):
+        with pytest.raises(st.ArchitectureError, match="fused experts"):
+            edit.bake(m)
+        return
+    baked = edit.bake(m)
+    torch.testing.assert_close(_logits(baked, texts), hooked, rtol=0, atol=1e-4)
+    torch.testing.assert_close(_logits(m, texts), plain, rtol=0, atol=0)  # the source model is untouched
+    # written and loaded back: the biases survive, declared in the config where the family has flags
+    if family in ("mistral", "qwen2", "qwen3"):  # no config flag declares an MLP output bias
+        with pytest.raises(ValueError, match="down_proj.bias.*no flag that declares it"):
+            write_hf(baked, tmp_path / "out", {"method": "affine bake"})
+        assert not (tmp_path / "out").exists() and not getattr(baked.hf.config, "attention_bias", False)  # nothing half-done
+        return
+    write_hf(baked, tmp_path / "out", {"method": "affine bake"})
+    again = st.load(tmp_path / "out")
+    torch.testing.assert_close(_logits(again, texts), hooked, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
 def test_subspace_ablation_bakes_too(family):
     m = st.testing.tiny_model(family)
@@ -223,7 +258,5 @@ def test_affine_ablation_keeps_the_reference_coordinates(family):
     target = edit.offsets[edit.sites.index("resid_pre"), 1]
     torch.testing.assert_close(seen[0], target.expand_as(seen[0]), rtol=0, atol=1e-4)
     assert (affine - plain_ablation).abs().max() > 1e-3
-    with pytest.raises(NotImplementedError, match="hooks"):
-        edit.bake(m)
     with pytest.raises(ValueError, match="offsets of shape"):
         AffineAblation(basis, torch.zeros(3, m.n_layers, 3))
