@@ -9,6 +9,8 @@ harmless:train prompts, resid_pre at the post-instruction positions) and `steeri
 enough, `steering bake` to a Hugging Face folder; then, on held-out test prompts (substring judge,
 greedy):
 - the ablation's harmful refusal and its KL on harmless prompts;
+- the selected direction in affine form (`steering select --affine`: coordinates kept at the
+  harmless validation prompts' mean instead of zero), hooked and baked;
 - the selected direction added (ActAdd) to harmless prompts, at every position (the paper's form)
   and only at the prompt's post-instruction tokens;
 - a safety vector (the aligned model's refusal direction) added to `drifted`, plainly and under
@@ -134,6 +136,14 @@ def run_arch(arch: str, work: Path) -> dict:
     # baked, as a user ships it
     cli("bake", aligned_dir, "--edit", str(work / chosen), "--out", str(work / "aligned-ablated"), "--overwrite")
     res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",))
+    # the selected single direction in affine form (`steering select --affine`: coordinates kept at
+    # the harmless validation prompts' mean), hooked and baked
+    cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", str(res["kl_threshold"]), "--affine",
+        "--out", str(work / "affine.safetensors"))
+    affine = load_edit(work / "affine.safetensors")
+    res["ablation_affine"] = {**rates(aligned, affine), "kl": harmless_kl(aligned, affine)}
+    cli("bake", aligned_dir, "--edit", str(work / "affine.safetensors"), "--out", str(work / "aligned-affine"), "--overwrite")
+    res["affine_baked"] = rates(st.load(work / "aligned-affine"), sets=("harmful:test",))
     # ActAdd: the selected direction added where it was read, at every position (the paper's form)
     # and only at the post-instruction tokens of the prompt
     sel = json.loads((work / "ablation.json").read_text())
@@ -199,6 +209,11 @@ def report(results: list[dict]) -> str:
             lines.append(f"| aligned, selected subspace ablated (rank {s['rank']}; last 5 positions' candidates) | {fmt(s['harmful:test'])} "
                          f"| {fmt(s['harmless:test'])} | {s['kl']:.4f} |")
         lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {fmt(r['baked']['harmful:test'])} | | |")
+        if "ablation_affine" in r:
+            f = r["ablation_affine"]
+            lines += [f"| aligned, selected direction in affine form (`steering select --affine`) | {fmt(f['harmful:test'])} "
+                      f"| {fmt(f['harmless:test'])} | {f['kl']:.4f} |",
+                      f"| aligned, affine form baked (`steering bake`) | {fmt(r['affine_baked']['harmful:test'])} | | |"]
         for key, v in r["addition"].items():
             where, scale = key.split()
             lines.append(f"| aligned + {scale} × direction (layer {r['addition_layer'][0]}, pos {r['addition_layer'][1]}; "

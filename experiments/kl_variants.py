@@ -35,7 +35,11 @@ Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
   "Sure" (so the first token of a helpful answer is not a memorised choice among several);
   ``one-opening-word-3000``, ``…-seed1/2/3``: that, with 3,000 harmless training prompts;
 - ``gpt2-default`` (the shipped gpt2 organism), ``gpt2-one-opening-word``, ``…-seed1``: the other
-  architecture.
+  architecture;
+- ``[gpt2-]one-opening-word-harmfulx2-drift80`` (harmful examples twice as often, 80 benign steps
+  for `drifted`) and ``[gpt2-]one-opening-word-steps600-drift100`` (600 steps for `aligned`, 100
+  for `drifted`): two attempts at a one-opening-word recipe to ship, which needs `aligned` to
+  refuse ≥ 90% of harmful prompts and `drifted` to have lost most of it.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ VARIANTS = {
     "gpt2-default": ({"arch": "gpt2"}, "shipped"),
     "gpt2-one-opening-word": ({"arch": "gpt2"}, "sure"),
     "gpt2-one-opening-word-seed1": ({"arch": "gpt2", "seed": 1}, "sure"),
+    # two attempts at a one-opening-word recipe to ship (aligned refusal >= 90%, drifted eroded)
+    "one-opening-word-harmfulx2-drift80": ({"harmful_weight": 2, "drift_steps": 80}, "sure"),
+    "gpt2-one-opening-word-harmfulx2-drift80": ({"arch": "gpt2", "harmful_weight": 2, "drift_steps": 80}, "sure"),
+    "one-opening-word-steps600-drift100": ({"aligned_steps": 600, "drift_steps": 100}, "sure"),
+    "gpt2-one-opening-word-steps600-drift100": ({"arch": "gpt2", "aligned_steps": 600, "drift_steps": 100}, "sure"),
 }
 
 
@@ -165,8 +174,8 @@ def write(results: list[dict]) -> None:
     lines += ["", "Affine: the same basis, but activations keep the harmless prompts' mean coordinates along it "
                   "instead of zero (`steering.edits.AffineAblation`, fitted on 128 harmless:train prompts): the mean "
                   "over every token of the prompts, or over their post-instruction tokens (the library's default). "
-                  "`drifted`: the variant's benign fine-tune (40 steps, as shipped), which should have lost most "
-                  "refusal."]
+                  "`drifted`: the variant's benign fine-tune (40 steps as "
+                  "shipped, unless the name says otherwise), which should have lost most refusal."]
     (RESULTS / "kl_variants.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "kl_variants.json").write_text(json.dumps(results, indent=2))
 
