@@ -43,8 +43,8 @@ SCALES = (1.0, 1.5, 2.0, 4.0, 8.0)
 
 
 def amplifier(model, best: dict, **kw):
-    """The amplification of a chosen setting (older results files have no site: the MLP output)."""
-    return safeinfer.amplifier(model, layer=best["layer"], scale=best["scale"], site=best.get("site", "mlp_out"), **kw)
+    """The amplification of a chosen setting."""
+    return safeinfer.amplifier(model, layer=best["layer"], scale=best["scale"], site=best["site"], **kw)
 
 
 def rates(model, split: str, **kw) -> dict[str, float]:
@@ -235,7 +235,7 @@ def write(results: list[dict]) -> None:
     for r in results:
         b = r["best"]
         t = r["test"]
-        lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: {SITE_NAMES[b.get('site', 'mlp_out')].format(b['layer'])}, "
+        lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: {SITE_NAMES[b['site']].format(b['layer'])}, "
                   f"scale {b['scale']:g}.", "",
                   "| model | decoding | harmful refusal | harmless refusal |", "|---|---|---|---|"]
         for key, v in t.items():
@@ -247,7 +247,7 @@ def write(results: list[dict]) -> None:
                   f"{pct(r['plain_val']['harmful'])} / {pct(r['plain_val']['harmless'])}):", "",
                   "| site | layer | scale | harmful | harmless |", "|---|---|---|---|---|"]
         for c in r["choice"]:
-            lines.append(f"| {c.get('site', 'mlp_out')} | {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} "
+            lines.append(f"| {c['site']} | {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} "
                          f"| {pct(c['harmless'])} |")
         nc = r["no_contrast_val"]
         lines += ["", f"Same setting without contrast demonstrations (refusal demos − query alone): "

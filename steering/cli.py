@@ -155,9 +155,8 @@ def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--safeinfer", action="store_true", help="decode with SafeInfer: safety amplification and guided decoding")
     g.add_argument("--unsafe-model", help="a model fine-tuned on unsafe data, with the same tokenizer (needed unless --gamma 0)")
     g.add_argument("--amplify-layer", type=int, help="layer that gets the amplification vector (default: the middle one)")
-    g.add_argument("--amplify-site", default="mlp_out",
-                   help="where the amplification vector is read and added: mlp_out (default, as the paper) or another "
-                        "hook site, e.g. resid_post")
+    g.add_argument("--amplify-site", help="where the amplification vector is read and added: mlp_out (default, as "
+                                          "the paper) or another hook site, e.g. resid_post")
     g.add_argument("--amplify-scale", type=float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
     g.add_argument("--gamma", type=float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
 
@@ -168,14 +167,14 @@ def _safeinfer_parts(m, args: argparse.Namespace):
 
     if args.gamma and not args.unsafe_model:
         raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
-    amp = (safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale, site=args.amplify_site)
-           if args.amplify_scale else None)
+    site = {"site": args.amplify_site} if args.amplify_site else {}
+    amp = safeinfer.amplifier(m, layer=args.amplify_layer, scale=args.amplify_scale, **site) if args.amplify_scale else None
     return amp, (args.unsafe_model if args.gamma else None)
 
 
 def _check_no_safeinfer_options(args: argparse.Namespace) -> None:
     """SafeInfer's options without ``--safeinfer`` are a mistake, not something to ignore."""
-    if args.unsafe_model or args.amplify_layer is not None or args.amplify_site != "mlp_out":
+    if args.unsafe_model or args.amplify_layer is not None or args.amplify_site:
         raise ValueError("--unsafe-model / --amplify-layer / --amplify-site need --safeinfer")
 
 

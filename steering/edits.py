@@ -275,11 +275,14 @@ class AffineAblation(Edit):
         offsets = torch.stack([rec.mean(s).mean(1) @ q.T for s in sites])  # [sites, layers, rank]
         return cls(q, offsets, tuple(sites), dict(meta or {}))
 
-    def _hooks(self, model: Model) -> HookList:
+    def _check(self, model: Model) -> None:
         if self.basis.shape[1] != model.d_model:
             raise ValueError(f"ablation basis has d={self.basis.shape[1]}, the model has d_model={model.d_model}")
         if self.offsets.shape[1] != model.n_layers:
             raise ValueError(f"affine ablation fitted on {self.offsets.shape[1]} layers, the model has {model.n_layers}")
+
+    def _hooks(self, model: Model) -> HookList:
+        self._check(model)
         q = _Cast(self.basis)
 
         def hook(c: _Cast) -> Callable:
@@ -301,8 +304,7 @@ class AffineAblation(Edit):
         sm = as_model(model)
         if set(self.sites) != set(ABLATION_SITES):
             raise ValueError("AffineAblation.bake: only the full ablation (every site) has an exact weight form")
-        if self.offsets.shape[1] != sm.n_layers:
-            raise ValueError(f"affine ablation fitted on {self.offsets.shape[1]} layers, the model has {sm.n_layers}")
+        self._check(sm)
         if not sm.map.spec.post_norm:  # (post-norm families: Ablation.bake raises)
             for layer in range(sm.n_layers):
                 for which in ("attn", "mlp"):

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import LogitsProcessor
 
 from .edits import Addition, Compose, Edit
+from .hooks import SITES
 from .model import Model, as_model
 from .vectors import SteeringVector, prompts_hash
 
@@ -162,8 +163,6 @@ def amplifier(model: Any, *, layer: int | None = None, scale: float = 1.5, site:
     The site is worth choosing on validation prompts with the layer and scale: on the gpt2
     organism the MLP output's vector does nothing at any scale, while the residual stream's
     (``site="resid_post"``) restores refusal (experiments/results/safeinfer.md)."""
-    from .hooks import SITES
-
     sm = as_model(model)
     layer = sm.n_layers // 2 if layer is None else layer
     if not 0 <= layer < sm.n_layers:
