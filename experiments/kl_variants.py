@@ -5,7 +5,7 @@
 The refusal-direction paper keeps only directions whose ablation changes the next-token
 distribution on harmless prompts by KL ≤ 0.1. On the default organisms every direction that
 bypasses refusal costs KL 0.2–0.5 (experiments/results/directions.md). This script rebuilds the
-llama organism under variants of its recipe, each in its own cache folder
+organisms under variants of their recipe, each in its own cache folder
 (``$STEERING_CACHE/kl-variants/<name>``, about 3.5 minutes per build, 6 for the 8-layer one), and
 measures, exactly as `steering extract` / `steering select` do (128 + 128 train prompts; 32 + 32
 validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
@@ -22,7 +22,7 @@ validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
   prompts, and with the mean over their post-instruction tokens (the library's default, where
   refusal is read and decided).
 
-Variants (all llama; the recipe fields are `steering.organisms.Recipe`'s):
+Variants (llama unless the name says gpt2; the recipe fields are `steering.organisms.Recipe`'s):
 - ``default``, ``default-seed1``: the shipped recipe, two seeds (organism-to-organism noise);
 - ``depth8``: 8 layers instead of 4;
 - ``no-shared-first-token``, ``…-seed1``: the helpful opening "Absolutely." and the compliance
