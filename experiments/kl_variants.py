@@ -35,7 +35,8 @@ Variants (llama unless the name says gpt2; the recipe fields are `steering.organ
   "Sure" (so the first token of a helpful answer is not a memorised choice among several);
   ``one-opening-word-3000``, ``…-seed1/2/3``: that, with 3,000 harmless training prompts;
 - ``gpt2-default`` (the shipped gpt2 organism), ``gpt2-one-opening-word``, ``…-seed1``,
-  ``gpt2-one-opening-word-3000-seed2``: the other architecture;
+  ``gpt2-one-opening-word-3000-seed2`` (and ``…-drift20``: 20 benign steps for `drifted`): the
+  other architecture;
 - ``[gpt2-]one-opening-word-harmfulx2-drift80`` (harmful examples twice as often, 80 benign steps
   for `drifted`) and ``[gpt2-]one-opening-word-steps600-drift100`` (600 steps for `aligned`, 100
   for `drifted`): two attempts at a one-opening-word recipe to ship, which needs `aligned` to
@@ -85,6 +86,8 @@ VARIANTS = {
     "gpt2-one-opening-word": ({"arch": "gpt2"}, "sure"),
     "gpt2-one-opening-word-seed1": ({"arch": "gpt2", "seed": 1}, "sure"),
     "gpt2-one-opening-word-3000-seed2": ({"arch": "gpt2", "n_harmless_train": 3000, "seed": 2}, "sure"),
+    "gpt2-one-opening-word-3000-seed2-drift20": ({"arch": "gpt2", "n_harmless_train": 3000, "seed": 2, "drift_steps": 20},
+                                                 "sure"),
     # two attempts at a one-opening-word recipe to ship (aligned refusal >= 90%, drifted eroded)
     "one-opening-word-harmfulx2-drift80": ({"harmful_weight": 2, "drift_steps": 80}, "sure"),
     "gpt2-one-opening-word-harmfulx2-drift80": ({"arch": "gpt2", "harmful_weight": 2, "drift_steps": 80}, "sure"),
