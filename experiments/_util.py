@@ -91,3 +91,8 @@ def interleaved(jobs: dict, repeats: int, verbose: bool = False) -> dict:
             if verbose:
                 print(f"[{rep + 1}/{repeats}] {k}: {times[k][-1]:.2f} s", flush=True)
     return times
+
+
+def pct(x: float) -> str:
+    """A rate as a percentage with one decimal, as every results table prints it."""
+    return f"{100 * x:.1f}%"

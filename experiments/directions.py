@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import steering as st  # noqa: E402
-from _util import cli  # noqa: E402
+from _util import cli, pct  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.edits import Ablation, Addition, Conditional, load_edit  # noqa: E402
 from steering.judge import is_refusal, refusal_rate  # noqa: E402
@@ -189,10 +189,6 @@ def rates_on(model: st.Model, edit, harmful: list[str], harmless: list[str]) -> 
     return a, b
 
 
-def fmt(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def report(results: list[dict]) -> str:
     lines = ["# Refusal directions and activation edits on the organisms", "",
              "Command: `python experiments/directions.py`. Held-out prompts: harmful:test (240), harmless:test (1335); "
@@ -201,30 +197,30 @@ def report(results: list[dict]) -> str:
         a = r["arch"]
         lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], "",
                   "| model / edit | harmful refusal | harmless refusal | KL (harmless) |", "|---|---|---|---|",
-                  f"| aligned | {fmt(r['aligned']['harmful:test'])} | {fmt(r['aligned']['harmless:test'])} | 0 |",
-                  f"| aligned, selected direction ablated ({r['ablation_single']['pick']}) | {fmt(r['ablation_single']['harmful:test'])} "
-                  f"| {fmt(r['ablation_single']['harmless:test'])} | {r['ablation_single']['kl']:.4f} |"]
+                  f"| aligned | {pct(r['aligned']['harmful:test'])} | {pct(r['aligned']['harmless:test'])} | 0 |",
+                  f"| aligned, selected direction ablated ({r['ablation_single']['pick']}) | {pct(r['ablation_single']['harmful:test'])} "
+                  f"| {pct(r['ablation_single']['harmless:test'])} | {r['ablation_single']['kl']:.4f} |"]
         if "ablation_subspace" in r:
             s = r["ablation_subspace"]
-            lines.append(f"| aligned, selected subspace ablated (rank {s['rank']}; last 5 positions' candidates) | {fmt(s['harmful:test'])} "
-                         f"| {fmt(s['harmless:test'])} | {s['kl']:.4f} |")
-        lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {fmt(r['baked']['harmful:test'])} | | |")
+            lines.append(f"| aligned, selected subspace ablated (rank {s['rank']}; last 5 positions' candidates) | {pct(s['harmful:test'])} "
+                         f"| {pct(s['harmless:test'])} | {s['kl']:.4f} |")
+        lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {pct(r['baked']['harmful:test'])} | | |")
         if "ablation_affine" in r:
             f = r["ablation_affine"]
-            lines += [f"| aligned, selected direction in affine form (`steering select --affine`) | {fmt(f['harmful:test'])} "
-                      f"| {fmt(f['harmless:test'])} | {f['kl']:.4f} |",
-                      f"| aligned, affine form baked (`steering bake`) | {fmt(r['affine_baked']['harmful:test'])} | | |"]
+            lines += [f"| aligned, selected direction in affine form (`steering select --affine`) | {pct(f['harmful:test'])} "
+                      f"| {pct(f['harmless:test'])} | {f['kl']:.4f} |",
+                      f"| aligned, affine form baked (`steering bake`) | {pct(r['affine_baked']['harmful:test'])} | | |"]
         for key, v in r["addition"].items():
             where, scale = key.split()
             lines.append(f"| aligned + {scale} × direction (layer {r['addition_layer'][0]}, pos {r['addition_layer'][1]}; "
-                         f"positions {where}) | | {fmt(v)} | |")
+                         f"positions {where}) | | {pct(v)} | |")
         d, da, dc = r["drifted"], r["drifted_addition"], r["drifted_conditional"]
-        lines += [f"| drifted | {fmt(d['harmful:test'])} | {fmt(d['harmless:test'])} | |",
-                  f"| drifted + safety vector (layer {da['layer']}, {da['positions']}, scale {da['scale']}) | {fmt(da['harmful:test'])} "
-                  f"| {fmt(da['harmless:test'])} | |",
+        lines += [f"| drifted | {pct(d['harmful:test'])} | {pct(d['harmless:test'])} | |",
+                  f"| drifted + safety vector (layer {da['layer']}, {da['positions']}, scale {da['scale']}) | {pct(da['harmful:test'])} "
+                  f"| {pct(da['harmless:test'])} | |",
                   f"| drifted + conditional safety vector (layer {dc['condition_layer']}, {dc['positions']}, scale {dc['scale']}; "
                   f"threshold {dc['threshold']:.2f}) "
-                  f"| {fmt(dc['harmful:test'])} | {fmt(dc['harmless:test'])} | |", ""]
+                  f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |", ""]
         if "drifted_sweep" in r:
             sw = r["drifted_sweep"]
             scales = sorted({e["scale"] for e in sw})
@@ -234,7 +230,7 @@ def report(results: list[dict]) -> str:
                       "| layer | positions | " + " | ".join(f"scale {c:g}" for c in scales) + " |",
                       "|---|---|" + "---|" * len(scales)]
             for l, w in dict.fromkeys((e["layer"], e["positions"]) for e in sw):
-                cells = {e["scale"]: f"{fmt(e['harmful'])} / {fmt(e['harmless'])}" for e in sw
+                cells = {e["scale"]: f"{pct(e['harmful'])} / {pct(e['harmless'])}" for e in sw
                          if (e["layer"], e["positions"]) == (l, w)}
                 lines.append(f"| {l} | {w} | " + " | ".join(cells.get(c, "") for c in scales) + " |")
             lines.append("")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import steering as st  # noqa: E402
-from _util import add, cli, previous  # noqa: E402
+from _util import add, cli, pct, previous  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 from steering.taskvec import TaskVector  # noqa: E402
@@ -178,10 +178,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def write(results: list[dict]) -> None:

@@ -59,6 +59,7 @@ import torch  # noqa: E402
 import steering as st  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.extract import diff_in_means  # noqa: E402
+from _util import pct  # noqa: E402
 from directions import harmless_reference, kl_breakdown  # noqa: E402
 from steering.edits import AffineAblation  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
@@ -144,10 +145,6 @@ def run(name: str) -> dict:
     res["seconds"] = time.time() - t0
     print(json.dumps(res), flush=True)
     return res
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def write(results: list[dict]) -> None:

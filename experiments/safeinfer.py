@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import steering as st  # noqa: E402
-from _util import add, previous  # noqa: E402
+from _util import add, pct, previous  # noqa: E402
 from steering import organisms, safeinfer  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 
@@ -220,10 +220,6 @@ def own_unsafe(arch: str, best: dict) -> dict:
 
 
 SITE_NAMES = {"mlp_out": "MLP output of layer {}", "resid_post": "residual stream after layer {}"}
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def write(results: list[dict]) -> None:
