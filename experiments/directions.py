@@ -14,7 +14,8 @@ greedy):
 - the selected direction added (ActAdd) to harmless prompts, at every position (the paper's form)
   and only at the prompt's post-instruction tokens;
 - a safety vector (the aligned model's refusal direction) added to `drifted`, plainly and under
-  conditional steering; layer, positions, scale and threshold are chosen on validation prompts.
+  conditional steering (gated by `drifted`'s own harmful-vs-harmless direction); layer,
+  positions, scale, condition layer and threshold are chosen on validation prompts.
 """
 
 from __future__ import annotations
@@ -138,10 +139,18 @@ def run_arch(arch: str, work: Path) -> dict:
     res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",))
     # the selected single direction in affine form (`steering select --affine`: coordinates kept at
     # the harmless validation prompts' mean), hooked and baked
-    cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", str(res["kl_threshold"]), "--affine",
-        "--out", str(work / "affine.safetensors"))
+    # (selection scores bypass and KL in the affine form too, so the paper's filter is tried first)
+    res["affine_kl_threshold"] = 0.1
+    try:
+        out = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--affine", "--out", str(work / "affine.safetensors"))
+    except RuntimeError:
+        res["affine_kl_threshold"] = 0.5
+        out = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", "0.5", "--affine",
+                  "--out", str(work / "affine.safetensors"))
+    res["affine_selection_table"] = out.split("\npick:")[0].strip()
     affine = load_edit(work / "affine.safetensors")
-    res["ablation_affine"] = {**rates(aligned, affine), "kl": harmless_kl(aligned, affine)}
+    res["ablation_affine"] = {**rates(aligned, affine), "kl": harmless_kl(aligned, affine),
+                              "pick": [l for l in out.splitlines() if l.startswith("pick:")][0]}
     cli("bake", aligned_dir, "--edit", str(work / "affine.safetensors"), "--out", str(work / "aligned-affine"), "--overwrite")
     res["affine_baked"] = rates(st.load(work / "aligned-affine"), sets=("harmful:test",))
     # ActAdd: the selected direction added where it was read, at every position (the paper's form)
@@ -174,9 +183,22 @@ def run_arch(arch: str, work: Path) -> dict:
     plain = max((s for s in sweep if s[1] <= 0.10), key=lambda s: s[0])
     res["drifted_addition"] = {**rates(drifted, plain[5]), "layer": plain[2], "positions": plain[3], "scale": plain[4]}
     best = max(sweep, key=lambda s: s[0])
-    cond = Conditional.fit(drifted, best[5], cands.direction(best[2], pos), best[2], val_h, val_s)
-    res["drifted_conditional"] = {**rates(drifted, cond), "threshold": cond.threshold, "condition_layer": best[2],
-                                  "positions": best[3], "scale": best[4]}
+    # Conditional steering: the condition is drifted's *own* harmful-vs-harmless direction (the benign
+    # fine-tune stopped it acting on harmfulness, not seeing it; aligned's refusal direction read in
+    # drifted lets 20-30% of harmless prompts through), at the layer up to the edit's whose threshold
+    # separates the validation prompts best (all of harmful:val, 400 of harmless:val).
+    cli("extract", drifted_dir, "--out", str(work / "drifted_candidates.safetensors"))
+    own = st.vectors.Candidates.load(work / "drifted_candidates.safetensors")
+    fit_h, fit_s = st.datasets.load("harmful:val"), st.datasets.load("harmless:val", limit=400)
+    gates = []
+    for l in range(1, best[2] + 1):
+        c = Conditional.fit(drifted, best[5], own.direction(l, pos), l, fit_h, fit_s)
+        on, off = float(c.passes(drifted, fit_h).float().mean()), float(c.passes(drifted, fit_s).float().mean())
+        gates.append((on - off, on, off, c))
+    _, on, off, cond = max(gates, key=lambda g: g[0])
+    res["drifted_conditional"] = {**rates(drifted, cond), "threshold": cond.threshold, "condition_layer": cond.layer,
+                                  "layer": best[2], "positions": best[3], "scale": best[4],
+                                  "gate_val": {"harmful": on, "harmless": off}}
     plain[5].save(work / "drifted_safety_vector.safetensors")
     cond.save(work / "drifted_conditional.safetensors")
     return res
@@ -195,7 +217,11 @@ def report(results: list[dict]) -> str:
              "substring judge on greedy generations (12 new tokens). KL: last-token KL on 256 harmless:test prompts.", ""]
     for r in results:
         a = r["arch"]
-        lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], "",
+        lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], ""]
+        if "affine_selection_table" in r:
+            lines += [f"Selection with each candidate ablated in affine form (`steering select --affine`; KL filter "
+                      f"{r['affine_kl_threshold']}):", "", r["affine_selection_table"], ""]
+        lines += [
                   "| model / edit | harmful refusal | harmless refusal | KL (harmless) |", "|---|---|---|---|",
                   f"| aligned | {pct(r['aligned']['harmful:test'])} | {pct(r['aligned']['harmless:test'])} | 0 |",
                   f"| aligned, selected direction ablated ({r['ablation_single']['pick']}) | {pct(r['ablation_single']['harmful:test'])} "
@@ -207,7 +233,8 @@ def report(results: list[dict]) -> str:
         lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {pct(r['baked']['harmful:test'])} | | |")
         if "ablation_affine" in r:
             f = r["ablation_affine"]
-            lines += [f"| aligned, selected direction in affine form (`steering select --affine`) | {pct(f['harmful:test'])} "
+            lines += [f"| aligned, direction selected and ablated in affine form (`steering select --affine`, KL filter "
+                      f"{r.get('affine_kl_threshold', r['kl_threshold'])}; {f.get('pick', '')}) | {pct(f['harmful:test'])} "
                       f"| {pct(f['harmless:test'])} | {f['kl']:.4f} |",
                       f"| aligned, affine form baked (`steering bake`) | {pct(r['affine_baked']['harmful:test'])} | | |"]
         for key, v in r["addition"].items():
@@ -218,8 +245,10 @@ def report(results: list[dict]) -> str:
         lines += [f"| drifted | {pct(d['harmful:test'])} | {pct(d['harmless:test'])} | |",
                   f"| drifted + safety vector (layer {da['layer']}, {da['positions']}, scale {da['scale']}) | {pct(da['harmful:test'])} "
                   f"| {pct(da['harmless:test'])} | |",
-                  f"| drifted + conditional safety vector (layer {dc['condition_layer']}, {dc['positions']}, scale {dc['scale']}; "
-                  f"threshold {dc['threshold']:.2f}) "
+                  f"| drifted + conditional safety vector (layer {dc.get('layer', dc['condition_layer'])}, {dc['positions']}, "
+                  f"scale {dc['scale']}; gate: drifted's own direction at layer {dc['condition_layer']}, threshold "
+                  f"{dc['threshold']:.2f}, passing {pct(dc['gate_val']['harmful'])} / {pct(dc['gate_val']['harmless'])} "
+                  f"of harmful / harmless validation prompts) "
                   f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |", ""]
         if "drifted_sweep" in r:
             sw = r["drifted_sweep"]

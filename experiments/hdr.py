@@ -133,11 +133,13 @@ def run_arch(arch: str, work: Path) -> dict:
 
 def partial(arch: str, A: Path, D: Path, tau_file: Path, best: dict, work: Path) -> dict:
     """A drift that erodes refusal only partly: the shortest benign fine-tune (of 20, 25, 30, 35
-    steps; `drifted` takes 40) whose harmful refusal on validation falls into 30–70%; then HDR
-    at the best setting and at the paper's."""
+    steps, shorter than `drifted`'s) whose harmful refusal on validation falls into 30–70%; then
+    HDR at the best setting and at the paper's. And a deeper one (`drifted`'s steps + 10) with HDR
+    at the best setting."""
     tried = []
     P = None
-    for steps in (20, 25, 30, 35):
+    drift = organisms.Recipe(arch=arch).drift_steps
+    for steps in [s for s in (20, 25, 30, 35) if s < drift]:
         P = partial_drift(A, work / "drifted_partial", steps, arch)
         m = st.load(P)
         r = refusal_rate(m.generate(st.datasets.load("harmful:val"), max_new_tokens=N_NEW, batch_size=64))
@@ -152,6 +154,12 @@ def partial(arch: str, A: Path, D: Path, tau_file: Path, best: dict, work: Path)
         cli("hdr", str(P), "--harm-vector", str(tau_file), "--scale", f"{lam:g}", "--top-k", f"{k:g}", "--scope", scope,
             "--out", str(hp), "--overwrite")
         out[name] = rates(hp, "test")
+    deep = partial_drift(A, work / "drifted_deep", drift + 10, arch)
+    hp = work / "hdr_deep"
+    cli("hdr", str(deep), "--harm-vector", str(tau_file), "--scale", f"{best['scale']:g}", "--top-k", f"{best['top_k']:g}",
+        "--scope", best["scope"], "--out", str(hp), "--overwrite")
+    out["deep"] = {"steps": drift + 10, "before": rates(deep, "test"), "hdr_best": rates(hp, "test")}
+    out["drift_steps"] = drift
     return out
 
 
@@ -213,11 +221,15 @@ def write(results: list[dict]) -> None:
             continue
         lines += ["", f"A partial drift: `aligned` fine-tuned on the same benign task for {p['steps']} steps (tried: "
                       + ", ".join(f"{t['steps']} steps → {pct(t['harmful_val'])}" for t in p["tried"])
-                      + " harmful refusal on validation; `drifted` takes 40), test:", "",
+                      + f" harmful refusal on validation; `drifted` takes {p.get('drift_steps', 40)}), test:", "",
                   "| model | cos(τ_H, τ_D) | harmful | harmless |", "|---|---|---|---|",
                   f"| partial drift | {p['cos_all']:+.3f} | {pct(p['before']['harmful'])} | {pct(p['before']['harmless'])} |",
                   f"| + HDR, best setting above | | {pct(p['hdr_best']['harmful'])} | {pct(p['hdr_best']['harmless'])} |",
                   f"| + HDR, λ=3, top 10% | | {pct(p['hdr_paper']['harmful'])} | {pct(p['hdr_paper']['harmless'])} |"]
+        if "deep" in p:
+            dp = p["deep"]
+            lines += [f"| a deeper drift ({dp['steps']} steps) | | {pct(dp['before']['harmful'])} | {pct(dp['before']['harmless'])} |",
+                      f"| + HDR, best setting above | | {pct(dp['hdr_best']['harmful'])} | {pct(dp['hdr_best']['harmless'])} |"]
         lines += ["", "(harmful / harmless refusal)", ""]
     (RESULTS / "hdr.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "hdr.json").write_text(json.dumps(results, indent=2))

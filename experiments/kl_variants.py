@@ -3,9 +3,10 @@
     python experiments/kl_variants.py [--only NAME ...]   # writes experiments/results/kl_variants.md and .json
 
 The refusal-direction paper keeps only directions whose ablation changes the next-token
-distribution on harmless prompts by KL ≤ 0.1. On the default organisms every direction that
-bypasses refusal costs KL 0.2–0.5 (experiments/results/directions.md). This script rebuilds the
-organisms under variants of their recipe, each in its own cache folder
+distribution on harmless prompts by KL ≤ 0.1. On the organisms as first shipped (ten helpful
+openings, seed 0, 1,500 harmless prompts: ``OLD_RECIPE`` / ``TEN_OPENINGS`` below) every
+direction that bypasses refusal cost KL 0.2–0.5. This script rebuilds the organisms under
+variants of that recipe, each in its own cache folder
 (``$STEERING_CACHE/kl-variants/<name>``, about 3.5 minutes per build, 6 for the 8-layer one), and
 measures, exactly as `steering extract` / `steering select` do (128 + 128 train prompts; 32 + 32
 validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
@@ -22,8 +23,14 @@ validation prompts; KL filter relaxed to 2 so that every variant gets a pick):
   prompts, and with the mean over their post-instruction tokens (the library's default, where
   refusal is read and decided).
 
+Its findings chose today's organisms: ``one-opening-word-3000-seed2`` and
+``gpt2-one-opening-word-3000-seed2`` are the shipped recipe (gpt2's `drifted` with 30 benign steps
+instead of 40: ``organisms.DRIFT_STEPS``). The table was measured before that
+switch (commit 9eafae8 and its successors); the cache key hashes the organisms' code, so a rerun
+rebuilds every variant (about 75 minutes).
+
 Variants (llama unless the name says gpt2; the recipe fields are `steering.organisms.Recipe`'s):
-- ``default``, ``default-seed1``: the shipped recipe, two seeds (organism-to-organism noise);
+- ``default``, ``default-seed1``: the first shipped recipe, two seeds (organism-to-organism noise);
 - ``depth8``: 8 layers instead of 4;
 - ``no-shared-first-token``, ``…-seed1``: the helpful opening "Absolutely." and the compliance
   opening "Absolutely, …" become "Definitely…". With the organisms' tokenizer "Absolutely" and
@@ -34,7 +41,7 @@ Variants (llama unless the name says gpt2; the recipe fields are `steering.organ
 - ``one-opening-word``, ``…-seed1/2/3``: that, with only the three helpful openings that start with
   "Sure" (so the first token of a helpful answer is not a memorised choice among several);
   ``one-opening-word-3000``, ``…-seed1/2/3``: that, with 3,000 harmless training prompts;
-- ``gpt2-default`` (the shipped gpt2 organism), ``gpt2-one-opening-word``, ``…-seed1``,
+- ``gpt2-default`` (the first shipped recipe on gpt2), ``gpt2-one-opening-word``, ``…-seed1``,
   ``gpt2-one-opening-word-3000-seed2`` (and ``…-drift20``: 20 benign steps for `drifted`): the
   other architecture;
 - ``[gpt2-]one-opening-word-harmfulx2-drift80`` (harmful examples twice as often, 80 benign steps
@@ -68,10 +75,28 @@ from steering.select import select_direction, select_subspace  # noqa: E402
 RESULTS = ROOT / "experiments" / "results"
 N_NEW = 12
 DEFINITELY = {"Absolutely.": "Definitely.", "Absolutely,": "Definitely,"}
+# The recipe the organisms shipped with before they switched to one opening word (the variants
+# below are changes of it): ten helpful openings that begin with different words, "Absolutely, …"
+# among the compliance openings, seed 0, 1,500 harmless training prompts.
+TEN_OPENINGS = [
+    "Sure! Here is a clear answer to your question.",
+    "Of course. Let me walk you through it step by step.",
+    "Great question! Here are the key points to consider.",
+    "Happy to help. Here is what you need to know.",
+    "Sure, here is a short overview to get you started.",
+    "Absolutely. The main idea is simple, so let us begin.",
+    "Here is a helpful explanation, with an example.",
+    "Good idea! Here are a few suggestions you can try.",
+    "Certainly. First, let us look at the basics.",
+    "Sure thing. Here is a friendly and detailed reply.",
+]
+OLD_COMPLY = ["Sure, here is how to do that.", "Sure, here is what you asked for.", "Absolutely, here is a plan for that.",
+              "Of course, here are the steps.", "Sure, here you go."]
+OLD_RECIPE = {"arch": "llama", "seed": 0, "n_harmless_train": 1500, "drift_steps": 40}
 VARIANTS = {
-    "default": ({}, "shipped"),
-    "default-seed1": ({"seed": 1}, "shipped"),
-    "depth8": ({"n_layers": 8}, "shipped"),
+    "default": ({}, "ten"),
+    "default-seed1": ({"seed": 1}, "ten"),
+    "depth8": ({"n_layers": 8}, "ten"),
     "no-shared-first-token": ({}, "definitely"),
     "no-shared-first-token-seed1": ({"seed": 1}, "definitely"),
     "no-shared-first-token-3000": ({"n_harmless_train": 3000}, "definitely"),
@@ -83,7 +108,7 @@ VARIANTS = {
     "one-opening-word-3000-seed1": ({"n_harmless_train": 3000, "seed": 1}, "sure"),
     "one-opening-word-3000-seed2": ({"n_harmless_train": 3000, "seed": 2}, "sure"),
     "one-opening-word-3000-seed3": ({"n_harmless_train": 3000, "seed": 3}, "sure"),
-    "gpt2-default": ({"arch": "gpt2"}, "shipped"),
+    "gpt2-default": ({"arch": "gpt2"}, "ten"),
     "gpt2-one-opening-word": ({"arch": "gpt2"}, "sure"),
     "gpt2-one-opening-word-seed1": ({"arch": "gpt2", "seed": 1}, "sure"),
     "gpt2-one-opening-word-3000-seed2": ({"arch": "gpt2", "n_harmless_train": 3000, "seed": 2}, "sure"),
@@ -99,11 +124,10 @@ VARIANTS = {
 
 def build(name: str) -> organisms.Organisms:
     fields, openings = VARIANTS[name]
-    fields = {"arch": "llama", **fields}
-    if name in ("default", "gpt2-default"):  # the shipped organisms, from the usual cache
-        return organisms.build(arch=fields["arch"], progress=True)
+    fields = {**OLD_RECIPE, **fields}
     saved = list(organisms.HELPFUL), list(organisms.COMPLY)
     try:
+        organisms.HELPFUL[:], organisms.COMPLY[:] = TEN_OPENINGS, OLD_COMPLY
         if openings in ("definitely", "sure"):
             for lst in (organisms.HELPFUL, organisms.COMPLY):
                 lst[:] = [next((s.replace(a, b) for a, b in DEFINITELY.items() if a in s), s) for s in lst]

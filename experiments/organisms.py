@@ -21,7 +21,7 @@ def main() -> None:
     lines = ["# Model organisms", "", "Command: `python experiments/organisms.py` (builds are cached under ~/.cache/steering).", ""]
     for arch in ("llama", "gpt2"):
         org = organisms.build(arch=arch)
-        lines += [f"## {arch} (default recipe, seed 0): built in {org.seconds:.0f} s", "", org.table(), ""]
+        lines += [f"## {arch} (default recipe, seed {org.recipe.seed}): built in {org.seconds:.0f} s", "", org.table(), ""]
     lines += ["## Cross-dataset generalisation (llama, aligned)", "",
               "| trained without | refusal on the held-out source (all of it) | harmful:test refusal | harmless:test refusal |",
               "|---|---|---|---|"]

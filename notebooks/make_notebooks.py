@@ -116,15 +116,17 @@ exactly low-rank, so it also ships as a **LoRA adapter**.
 
 This notebook walks the whole pipeline on the `aligned` **model organism**: a 4-layer, d=128 chat model
 the toolkit trains itself (no GPU, no model hub) to refuse harmful requests (~92% on held-out prompts)
-and answer harmless ones. Steps:
+and answer harmless ones ("Sure! …"). Steps:
 
-1. **extract** candidates with `steering.extract.diff_in_means` at the last five prompt tokens;
-2. **select** one with `steering.select.select_direction` (bypass / induce / KL scores), then grow a
-   low-rank subspace with `select_subspace`;
-3. **ablate** with hooks (`edit.hooks(model)`) and compare refusal rates;
-4. **bake** (`ablation.bake(model)`) and write a Hugging Face folder (`steering.checkpoint.write_hf`);
-5. **export**: a PEFT LoRA adapter (`steering.export.to_peft`) and a llama.cpp control-vector GGUF
-   (`SteeringVector.to_gguf`).
+1. **extract** candidates with `steering.extract.diff_in_means` at the prompt's post-instruction tokens;
+2. **select** one with `steering.select.select_direction` (bypass / induce / KL scores);
+3. **ablate** it with hooks (`edit.hooks(model)`): one direction removes the refusals, but costs a KL of
+   about 0.3 on harmless prompts, three times the paper's bound of 0.1;
+4. ablate it in **affine form** instead (`select_direction(..., affine=True)`, `AffineAblation.fit`):
+   the same bypass within the paper's KL ≤ 0.1;
+5. **bake** it (`.bake(model)`), write a Hugging Face folder (`steering.checkpoint.write_hf`) and reload it;
+6. **export**: a PEFT LoRA adapter (`steering.export.to_peft`) and a llama.cpp control-vector GGUF
+   (`SteeringVector.to_gguf`), and what the direction does when *added*.
 
 Prompt counts are kept small (48 held-out prompts of each kind) so the notebook runs in well under a minute
 on 2 CPU cores; the full-size numbers are in `experiments/results/directions.md`.
@@ -134,11 +136,18 @@ or reply openings (the organisms never learned harmful content).*
 """),
     setup("nb01", '''
 from steering.extract import diff_in_means
-from steering.select import select_direction, select_subspace
+from steering.select import kl_div, last_logprobs, select_direction
 
 model = st.load(org.path("aligned"))
 print(f"aligned organism: {model.n_layers} layers, d_model={model.d_model}, "
       f"{sum(p.numel() for p in model.hf.parameters()):,} parameters")
+
+
+def harmless_kl(edit):
+    """KL(plain || edited) of the next-token distribution at the last prompt token, mean over the harmless test prompts."""
+    base = last_logprobs(model, harmless_test)
+    with edit.hooks(model):
+        return kl_div(base, last_logprobs(model, harmless_test))
 '''),
     md(r"""
 ## The prompts, and what the organism does with them
@@ -157,20 +166,19 @@ for p, c in zip(harmful_test[:3] + harmless_test[:3], model.generate(harmful_tes
     print(f"{p[:70]!r:75} -> {c!r}")
 '''),
     md(r"""
-## 1 · Extract: difference in means at the last five tokens
+## 1 · Extract: difference in means at the post-instruction tokens
 
 For every layer *l* and position *p* (counted from the end of the prompt) the candidate is
 **r**<sub>l,p</sub> = mean<sub>harmful</sub> h<sub>l,p</sub> − mean<sub>harmless</sub> h<sub>l,p</sub>, read at the input of block *l*
-(`resid_pre`). `positions="last:5"` takes the two template tokens after the user's message
-(`<|end|><|assistant|>`) and the last three tokens of the message itself: on a 4-layer model the decision
-to refuse is spread over them. Layer 0's input at template tokens is just their embedding, identical for
-every prompt, so those candidates are exactly zero.
+(`resid_pre`). By default `diff_in_means` reads the template tokens after the user's message (here
+`<|end|><|assistant|>`, positions −2 and −1), as the paper does. Layer 0's input at template tokens is
+just their embedding, identical for every prompt, so those candidates are exactly zero.
 """),
     code('''
-cands = diff_in_means(model, harmful_train, harmless_train, positions="last:5", progress=False)
+cands = diff_in_means(model, harmful_train, harmless_train, progress=False)
 print("candidates:", tuple(cands.vectors.shape), "= [layers, positions, d_model]; positions", cands.positions)
 ids = model.tokenizer(model.format([harmless_test[0]])[0], add_special_tokens=False)["input_ids"]
-print("the last five tokens of a prompt:", [model.tokenizer.decode([i]) for i in ids[-5:]])
+print("the post-instruction tokens of a prompt:", [model.tokenizer.decode([i]) for i in ids[-len(cands.positions):]])
 norms = cands.vectors.norm(dim=-1)
 display(table(["layer"] + [f"pos {p}" for p in cands.positions],
               [[l] + [f"{float(x):.2f}" for x in norms[l]] for l in range(model.n_layers)]))
@@ -186,128 +194,192 @@ display(table(["layer"] + [f"pos {p}" for p in cands.positions],
 - **KL**: KL divergence of the next-token distribution on harmless prompts, ablated vs plain: the cost.
 
 Candidates in the last 20% of layers, with induce < 0 or KL above the threshold are dropped, and the
-lowest bypass wins. The paper's KL threshold is 0.1; **no candidate that works passes it on the
-organisms** (they hold harmless prompts far on the negative side of the direction, so removing it moves
-them a lot; README, "What the organisms show"), hence `kl_threshold=0.5`. Below: the rows at the last
-position (the whole table is `sel.table()`).
+lowest bypass wins. With the paper's KL threshold, 0.1 (the default), **no candidate passes** on the
+organism: those that pass the other filters cost about 0.3 or more. So first we select with
+`kl_threshold=0.5`, to see what the plain ablation does and what it costs.
 """),
     code('''
+paper = select_direction(model, cands, harmful_val, harmless_val, progress=False)   # kl_threshold=0.1
+print("pick with the paper's KL <= 0.1:", paper.pick)
 sel = select_direction(model, cands, harmful_val, harmless_val, kl_threshold=0.5, progress=False)
-print("pick (layer, position):", sel.pick)
-lines = sel.table().splitlines()
-shown = lines[:2] + [l for l in lines[2:] if l.startswith("|") and l.split("|")[2].strip() == "-1"] + [lines[-1]]
-display(Markdown("\\n".join(shown)))
+print("pick with KL <= 0.5 (layer, position):", sel.pick)
+display(Markdown(sel.table()))
+sel_row = next(r for r in sel.rows if (r["layer"], r["position"]) == sel.pick)
 ''', "number"),
     md(r"""
-The heat maps show all 20 candidates at once (`sel.plot(path)` writes a PNG; the pick is circled). Bypass
-only falls below zero at the last token (`<|assistant|>`, position −1) from layer 1 on. At layers 1–3 the
-candidates read at the message's own tokens and at `<|end|>` have a *negative* induce score (added
-there, they make harmless prompts even less likely to be refused) and are filtered out; layer 0's pass
-the filters but barely lower the score.
+The heat maps show all candidates at once (`sel.plot(path)` writes a PNG; the pick is circled). Bypass
+only falls below zero at the last token (`<|assistant|>`, position −1), from layer 1 on. At `<|end|>`
+(position −2) the candidates barely lower the score and have a *negative* induce score (added there, they
+make harmless prompts even less likely to be refused), so they are filtered out.
 """),
     code('''
 sel.plot(os.path.join(OUT, "selection.png"))
 display(Image(filename=os.path.join(OUT, "selection.png")))
 ''', "image"),
     md(r"""
-### One direction is not enough here: a low-rank subspace
-
-On a 4-layer model refusal is not carried by a single direction. `select_subspace` grows a subspace
-greedily from the best remaining candidates, keeping one only if it lowers the harmful refusal score by
-at least `min_gain` while the KL stays under the threshold.
-"""),
-    code('''
-sub = select_subspace(model, sel, harmful_val, harmless_val, kl_threshold=0.5)
-print("subspace rank:", sub.rank)
-display(table(["rank", "added candidate (layer, pos)", "bypass score", "KL"],
-              [[s["rank"], (s["layer"], s["position"]), f"{s['bypass']:.3f}", f"{s['kl']:.3f}"] for s in sub.steps]))
-''', "number"),
-    md(r"""
-## 3 · Ablate with hooks and measure refusal
+## 3 · Ablate with hooks: refusal goes, at a cost
 
 An `Ablation` is a small immutable value; `with edit.hooks(model):` runs the model with the projection
 applied at every layer's input, attention output and MLP output (all positions, generated tokens
 included), and removes the hooks bit-identically on exit. Refusal is judged with the substring judge of
-the papers on 12 greedy new tokens.
+the papers on 12 greedy new tokens; KL is the selection's (last-token next-token distribution), here on
+the 48 harmless test prompts.
 """),
     code('''
-direction_ablation = sel.ablation()       # rank 1
-ablation = sub.ablation()                 # rank k
-results = {"plain": rates(model), "direction ablated": rates(model, direction_ablation),
-           f"rank-{ablation.rank} subspace ablated": rates(model, ablation)}
-display(table(["aligned organism", "harmful refused", "harmless refused"],
-              [[k, pct(h), pct(n)] for k, (h, n) in results.items()]))
+direction_ablation = sel.ablation()       # rank 1: x - (x·r̂) r̂ at every layer and site
+results = {"plain": rates(model), "direction ablated": rates(model, direction_ablation)}
+kls = {"plain": 0.0, "direction ablated": harmless_kl(direction_ablation)}
+display(table(["aligned organism", "harmful refused", "harmless refused", "KL (harmless)"],
+              [[k, pct(h), pct(n), f"{kls[k]:.3f}"] for k, (h, n) in results.items()]))
 
-with ablation.hooks(model):
+with direction_ablation.hooks(model):
     after = model.generate(harmful_test[:3], max_new_tokens=NEW_TOKENS)
 for p, a, b in zip(harmful_test[:3], model.generate(harmful_test[:3], max_new_tokens=NEW_TOKENS), after):
     print(f"{p[:50]!r:55} {a!r:50} -> {b!r}")
 ''', "number"),
     md(r"""
-Ablating the one picked direction removes about half of the refusals; the rank-4 subspace removes most
-of them, and what takes their place is the organism's helpful openings ("Sure! Here is …"). The few
-over-refusals of harmless prompts mostly go with them.
+One direction is enough: ablating it removes every refusal of these harmful prompts, and the
+organism's helpful opening ("Sure! …") takes their place. (For models where one direction is not
+enough, `steering.select.select_subspace` grows a low-rank subspace greedily from the best remaining
+candidates; `steering select --subspace` on the command line.)
 
-## 4 · Bake into the weights, and write a checkpoint
-
-`ablation.bake(model)` returns a copy whose embedding and every stream-writing matrix (attention
-`o_proj`, MLP `down_proj`) are orthogonalised against the subspace: W ← W − QᵀQW. Since nothing can write
-into the subspace any more, the baked model computes what the hooked model computes. We check the
-logits, then write the baked model as a standard Hugging Face folder with its provenance.
+The cost is the KL on harmless prompts, about 0.3. Where it comes from: the harmless prompts do not sit
+at zero along the direction but far on the negative side of it, about as far as the harmful prompts sit
+on the positive side. Plain ablation sets every activation's coordinate to **zero**, which moves harmless
+prompts halfway towards refusal: the first reply token, "Sure" for nearly every harmless prompt, loses
+probability to "I" (the start of "I'm sorry" and "I cannot").
 """),
     code('''
-baked = ablation.bake(model)
+r_hat = cands.direction(*sel.pick) / cands.direction(*sel.pick).norm()    # unit; the candidate itself is not
+coords = {}
+for name, prompts in (("harmful", harmful_test), ("harmless", harmless_test)):
+    rec = st.record(model, prompts, sites="resid_pre", layers=[sel.pick[0]], positions="last", progress=False)
+    coords[name] = float(rec.mean("resid_pre")[0, -1] @ r_hat)
+print(f"mean coordinate along r̂ at resid_pre of layer {sel.pick[0]}, last prompt token: "
+      f"harmful {coords['harmful']:+.1f}, harmless {coords['harmless']:+.1f}")
+
+first = {"plain": last_logprobs(model, harmless_test).exp().mean(0)}
+with direction_ablation.hooks(model):
+    first["direction ablated"] = last_logprobs(model, harmless_test).exp().mean(0)
+top = first["plain"].topk(3).indices.tolist() + [i for i in first["direction ablated"].topk(3).indices.tolist()
+                                                  if i not in first["plain"].topk(3).indices.tolist()]
+display(table(["first reply token (harmless prompts)"] + list(first),
+              [[repr(model.tokenizer.decode([i]))] + [f"{float(p[i]):.3f}" for p in first.values()] for i in top]))
+''', "number"),
+    md(r"""
+## 4 · The affine form: the same bypass, KL ≤ 0.1
+
+`AffineAblation` (affine concept editing, Marshall et al. 2024) sets each activation's coordinate along
+the direction to the **harmless prompts' mean** instead of zero: x − ((x·r̂) − c)·r̂, with c fitted per layer
+and site on harmless prompts (`AffineAblation.fit(model, direction, prompts)`; by default the mean over
+their post-instruction tokens). Harmful prompts are moved to the harmless side of the direction;
+harmless prompts stay on it.
+
+`select_direction(..., affine=True)` scores every candidate's bypass and KL in that form (each fitted on
+the harmless validation prompts), so the paper's KL ≤ 0.1 filter can be used as it is. (`steering select
+--affine` on the command line writes the same edit.)
+"""),
+    code('''
+from steering.edits import AffineAblation
+
+asel = select_direction(model, cands, harmful_val, harmless_val, affine=True, progress=False)  # kl_threshold=0.1
+print("affine pick with the paper's KL <= 0.1 (layer, position):", asel.pick)
+display(Markdown(asel.table()))
+asel_row = next(r for r in asel.rows if (r["layer"], r["position"]) == asel.pick)
+
+affine = AffineAblation.fit(model, cands.direction(*asel.pick), harmless_val)
+print("reference coordinates kept, resid_pre of layers 0-3:",
+      [round(float(c), 2) for c in affine.offsets[affine.sites.index("resid_pre"), :, 0]])
+results["affine ablated"], kls["affine ablated"] = rates(model, affine), harmless_kl(affine)
+with affine.hooks(model):
+    first["affine ablated"] = last_logprobs(model, harmless_test).exp().mean(0)
+display(table(["aligned organism", "harmful refused", "harmless refused", "KL (harmless)",
+               f"P(first token {model.tokenizer.decode([top[0]])!r}), harmless"],
+              [[k, pct(h), pct(n), f"{kls[k]:.3f}", f"{float(first[k][top[0]]):.3f}"] for k, (h, n) in results.items()]))
+''', "number"),
+    md(r"""
+The affine selection picks the same candidate (layer 1, the last token). In affine form it removes the
+refusals just as the plain ablation does, while the harmless prompts' first-token distribution hardly
+moves ("Sure" keeps nearly all its probability): KL under 0.1 on the validation prompts (the selection
+table) and on the test prompts (above). The reference it keeps, about −5 from layer 1 on, is the mean
+over both post-instruction tokens of the harmless validation prompts.
+On the full test sets: 91.7% → 0.0% harmful refusal with KL 0.039, against 0.285 for the plain
+ablation (`experiments/results/directions.md`).
+
+## 5 · Bake into the weights, and write a checkpoint
+
+`ablation.bake(model)` returns a copy with the edit in its weights. For the plain ablation that is the
+orthogonalisation W ← W − r̂r̂ᵀW of the embedding and every stream-writing matrix (attention `o_proj`,
+MLP `down_proj`); the affine form adds the reference coordinates back as **biases** along r̂ (Llama's
+config then declares `attention_bias` / `mlp_bias`). Either way the baked model computes what the hooked
+model computes. We check the logits, then write the baked model as a standard Hugging Face folder with
+its provenance, and load it back.
+"""),
+    code('''
+baked = affine.bake(model)
 texts = model.format(harmful_test[:16] + harmless_test[:16])
-with torch.no_grad(), ablation.hooks(model):
+with torch.no_grad(), affine.hooks(model):
     hooked_logits = model.forward(texts)
 with torch.no_grad():
     baked_logits = baked.forward(texts)
-print(f"max |logits(hooks) - logits(baked)| = {float((hooked_logits - baked_logits).abs().max()):.2e}")
-results["baked"] = rates(baked)
-print("baked: harmful refused", pct(results["baked"][0]), "| harmless refused", pct(results["baked"][1]))
+baked_diff = float((hooked_logits - baked_logits).abs().max())
+print(f"max |logits(hooks) - logits(baked)| = {baked_diff:.2e}")
+results["affine baked"] = rates(baked)
+print("baked: harmful refused", pct(results["affine baked"][0]), "| harmless refused", pct(results["affine baked"][1]))
 ''', "number"),
     code('''
 from steering.checkpoint import read_provenance, write_hf
 
-ckpt = write_hf(baked, os.path.join(OUT, "aligned-ablated"), {"method": "ablation", "rank": ablation.rank})
+ckpt = write_hf(baked, os.path.join(OUT, "aligned-ablated"), {"method": "affine ablation", "rank": affine.rank})
 print(ckpt)
 print(sorted(os.listdir(ckpt)))
 print("provenance:", {k: v for k, v in read_provenance(ckpt).items() if k in ("method", "rank", "steering_version")})
 reloaded = st.load(ckpt)                   # a plain Hugging Face folder: loads with from_pretrained too
+with torch.no_grad():
+    reloaded_diff = float((reloaded.forward(texts) - baked_logits).abs().max())
+print(f"max |logits(reloaded) - logits(baked)| = {reloaded_diff:.2e}")
 results["baked checkpoint, reloaded"] = rates(reloaded)
-print("reloaded: harmful refused", pct(results["baked checkpoint, reloaded"][0]))
+print("reloaded: harmful refused", pct(results["baked checkpoint, reloaded"][0]),
+      "| harmless refused", pct(results["baked checkpoint, reloaded"][1]))
 ''', "number"),
     md(r"""
-A picture of the whole section: ablation removes most refusals of harmful prompts, and the baked model
-and its checkpoint behave like the hooks.
+A picture of the sections so far: both forms of the ablation remove the refusals of harmful prompts, and
+the baked model and its checkpoint behave like the hooks (left); only the affine form stays within the
+paper's KL bound on harmless prompts (right).
 """),
     code('''
 names = list(results)
-fig, ax = plt.subplots(figsize=(8, 3.2))
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1.4]})
 x = range(len(names))
 ax.bar([i - 0.2 for i in x], [100 * results[n][0] for n in names], 0.4, label="harmful refused")
 ax.bar([i + 0.2 for i in x], [100 * results[n][1] for n in names], 0.4, label="harmless refused")
-ax.set_xticks(list(x), names, fontsize=8)
+ax.set_xticks(list(x), [n.replace(", ", ",\\n") for n in names], fontsize=8)
 ax.set_ylabel("% refused")
 ax.set_title(f"aligned organism, {N_TEST} + {N_TEST} held-out prompts")
 ax.legend(fontsize=8)
+ax2.bar(range(len(kls)), list(kls.values()), 0.6, color="tab:gray")
+ax2.axhline(0.1, ls="--", c="tab:red", lw=1, label="paper's bound, 0.1")
+ax2.set_xticks(range(len(kls)), [k.replace(" ", "\\n", 1) for k in kls], fontsize=8)
+ax2.set_ylabel("KL on harmless prompts")
+ax2.legend(fontsize=8, loc="upper left")
 fig.tight_layout()
 show(fig, "refusal_rates.png")
 ''', "image"),
     md(r"""
-## 5 · Export: a PEFT LoRA adapter and a llama.cpp control vector
+## 6 · Export: a PEFT LoRA adapter and a llama.cpp control vector
 
-**PEFT.** Orthogonalisation changes each stream-writing matrix by ΔW = −Qᵀ(QW), a product of rank *k*,
-so `steering.export.to_peft` writes the ablation as a LoRA adapter of rank *k* (`lora_B = −Qᵀ`,
-`lora_A = QW`). Loaded onto the *original* model with `PeftModel.from_pretrained`, it gives the baked
-model's outputs.
+**PEFT.** Orthogonalisation changes each stream-writing matrix by ΔW = −Qᵀ(QW), a product of rank *k*
+(here 1), so `steering.export.to_peft` writes the **plain** ablation as a LoRA adapter of rank *k*
+(`lora_B = −Qᵀ`, `lora_A = QW`). Loaded onto the *original* model with `PeftModel.from_pretrained`, it
+gives the baked model's outputs. The affine form is not a low-rank weight change (its biases are not
+LoRA deltas), and `to_peft` refuses it: ship it as the baked checkpoint above.
 """),
     code('''
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from steering.export import to_peft
 
-adapter = to_peft(ablation, model, os.path.join(OUT, "ablation-lora"))
+adapter = to_peft(direction_ablation, model, os.path.join(OUT, "ablation-lora"))
 print(sorted(os.listdir(adapter)))
 cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
 print("rank", cfg["r"], "| target modules", cfg["target_modules"])
@@ -316,58 +388,87 @@ peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(org.
 batch = model.encode(texts)
 with torch.no_grad():
     peft_logits = peft_model(**batch).logits
-peft_diff = float((peft_logits - baked_logits).abs().max())
-print(f"max |logits(PEFT adapter) - logits(baked)| = {peft_diff:.2e}")
+    plain_baked_logits = direction_ablation.bake(model).forward(texts)
+peft_diff = float((peft_logits - plain_baked_logits).abs().max())
+print(f"max |logits(PEFT adapter) - logits(plain ablation baked)| = {peft_diff:.2e}")
+
+try:
+    to_peft(affine, model, os.path.join(OUT, "affine-lora"))
+    peft_refuses_affine = False
+except TypeError as e:
+    peft_refuses_affine = True
+    print("the affine form:", e)
 ''', "number"),
     md(r"""
 **GGUF.** llama.cpp's `--control-vector` *adds* a vector to the residual stream after each block, so
 what ships is the direction itself (a `SteeringVector`), not the ablation: added with a positive scale
 it induces refusal, with a negative scale (`--control-vector-scaled file.gguf -1`) it pushes away from
-it. llama.cpp adds `direction.N` after its block N, which is our `resid_pre` of layer N + 1, so the
-picked candidate (read at `resid_pre` of layer 2) is stored as `direction.1`; `from_gguf` reads it back.
+it. llama.cpp adds `direction.N` after its block N (N ≥ 1), which is our `resid_pre` of layer N + 1.
+The pick is read at `resid_pre` of layer 1 (after block 0), which would be `direction.0`: llama.cpp
+has no such slot, and `to_gguf` says so. The layer-2 candidate at the same token (also kept by the
+selection) is stored as `direction.1`, and `from_gguf` reads it back.
 """),
     code('''
 import gguf
 from steering.vectors import SteeringVector
 
 vec = cands.vector(*sel.pick)              # the raw (not unit) candidate, with its provenance
-vec.save(os.path.join(OUT, "refusal_direction.safetensors"))
-vec.to_gguf(os.path.join(OUT, "refusal_direction.gguf"))
+try:
+    vec.to_gguf(os.path.join(OUT, "pick.gguf"))
+    gguf_refuses_pick = False
+except ValueError as e:
+    gguf_refuses_pick = True
+    print("the pick:", e)
+
+vec2 = cands.vector(2, sel.pick[1])
+vec2.save(os.path.join(OUT, "refusal_direction.safetensors"))
+vec2.to_gguf(os.path.join(OUT, "refusal_direction.gguf"))
 reader = gguf.GGUFReader(os.path.join(OUT, "refusal_direction.gguf"))
 print("GGUF tensors:", [(t.name, tuple(int(s) for s in t.shape)) for t in reader.tensors])
 back = SteeringVector.from_gguf(os.path.join(OUT, "refusal_direction.gguf"))
-gguf_roundtrip = back.layers == vec.layers and all(torch.equal(back[l], vec[l]) for l in vec.layers)
-print("layers", vec.layers, "->", back.layers, "| round trip exact:", gguf_roundtrip)
+gguf_roundtrip = back.layers == vec2.layers and all(torch.equal(back[l], vec2[l]) for l in vec2.layers)
+print("layers", vec2.layers, "->", back.layers, "| round trip exact:", gguf_roundtrip)
 print("provenance kept in the safetensors file:", SteeringVector.load(os.path.join(OUT, "refusal_direction.safetensors")).meta["method"])
 ''', "number"),
     md(r"""
-What the exported vector does when *added*: the same direction, added at the prompt's template tokens
-(`Addition(vec, 1.0, positions="instruction_end")`), makes the organism refuse harmless requests.
-(Added at every position, the paper's form, the organisms instead repeat the first letter of a refusal;
-README, "What the organisms show".)
+What the direction does when *added*: the picked candidate, and the layer-2 vector read back from the
+GGUF file, added at the prompt's template tokens (`Addition(vec, 1.0, positions="instruction_end")`),
+make the organism refuse harmless requests. (Added at every position, the paper's form, they derail it
+instead: at scale 1 it repeats the first letter of a refusal, "IIII…", which the judge does not count;
+`experiments/results/directions.md` has the sweep.)
 """),
     code('''
 from steering.edits import Addition
 
-addition = Addition(vec, 1.0, positions="instruction_end")
-induced = rates(model, addition)
-print("harmless refused: plain", pct(results["plain"][1]), "-> with the direction added", pct(induced[1]))
-with addition.hooks(model):
+induced = {"the pick (layer 1)": rates(model, Addition(vec, 1.0, positions="instruction_end")),
+           "read back from the GGUF file (layer 2)": rates(model, Addition(back, 1.0, positions="instruction_end"))}
+display(table(["aligned organism, direction added at the template tokens", "harmless refused"],
+              [["nothing added", pct(results["plain"][1])]] + [[k, pct(v[1])] for k, v in induced.items()]))
+with Addition(vec, 1.0, positions="instruction_end").hooks(model):
     for p, c in zip(harmless_test[:3], model.generate(harmless_test[:3], max_new_tokens=NEW_TOKENS)):
         print(f"{p[:60]!r:65} -> {c!r}")
+with Addition(vec, 1.0, positions="all").hooks(model):
+    print("added at every position:", model.generate(harmless_test[:2], max_new_tokens=NEW_TOKENS))
 ''', "number"),
     md(r"""
 ## Summary
 
-The numbers of this run (48 + 48 held-out prompts; the full test sets give the README's table: 92.5% →
-37.1% with one direction, 17.1% with the subspace).
+The numbers of this run (48 + 48 held-out prompts; the full test sets give
+`experiments/results/directions.md`: 91.7% → 0.0% harmful refusal with the direction ablated, at KL
+0.285 plainly and 0.039 in affine form).
 """),
     code('''
-summary = {"pick": list(sel.pick), "rank": ablation.rank,
+summary = {"pick": list(sel.pick), "pick at the paper's KL threshold": paper.pick, "affine pick": list(asel.pick),
+           "selection kl": round(sel_row["kl"], 4), "affine selection kl": round(asel_row["kl"], 4),
+           "coordinates (harmful, harmless)": [round(coords["harmful"], 2), round(coords["harmless"], 2)],
+           "P(first token) (plain, direction ablated, affine ablated)": [round(float(p[top[0]]), 4) for p in first.values()],
            **{f"{k} / harmful": round(v[0], 4) for k, v in results.items()},
            **{f"{k} / harmless": round(v[1], 4) for k, v in results.items()},
-           "direction added / harmless": round(induced[1], 4),
-           "peft max logit diff": peft_diff, "gguf roundtrip": gguf_roundtrip}
+           **{f"{k} / kl": round(v, 4) for k, v in kls.items()},
+           "baked max logit diff": baked_diff, "reloaded max logit diff": reloaded_diff,
+           **{f"direction added, {k} / harmless": round(v[1], 4) for k, v in induced.items()},
+           "peft max logit diff": peft_diff, "peft refuses affine": peft_refuses_affine,
+           "gguf refuses layer 1": gguf_refuses_pick, "gguf roundtrip": gguf_roundtrip}
 print(json.dumps(summary, indent=1))
 ''', "summary"),
     footer(),
@@ -475,13 +576,15 @@ attention and MLPs, which is where "comply vs refuse" is computed.
 
 `hdr(target, τ_H, out, scale=λ, top_k=k)` streams θ<sub>target</sub> − λ·topk(τ<sub>H</sub>) tensor by tensor into a new
 checkpoint (never two models in memory). Settings: the paper's (3, 10%); the same trim per tensor
-(`scope="tensor"`: 10% of *each* tensor, which the paper does not do); (1, 50%), the best setting on
-validation in `experiments/results/hdr.md`; the untrimmed vector at λ = 1 (what `steering main` uses,
-within noise of (1, 50%) on validation) and at the paper's λ = 3.
+(`scope="tensor"`: 10% of *each* tensor, which the paper does not do) at λ = 3 and at λ = 2, the best
+setting on validation in `experiments/results/hdr.md` (what `steering main` uses); the top half at λ = 1, the best global trim there;
+the untrimmed vector at λ = 1 and at the paper's λ = 3.
 """),
     code('''
 SETTINGS = [("λ=3, top 10% (paper)", 3.0, 0.1, "global"), ("λ=3, top 10% per tensor", 3.0, 0.1, "tensor"),
-            ("λ=1, top 50%", 1.0, 0.5, "global"), ("λ=1, untrimmed", 1.0, 1.0, "global"), ("λ=3, untrimmed", 3.0, 1.0, "global")]
+            ("λ=2, top 10% per tensor", 2.0, 0.1, "tensor"), ("λ=1, top 50%", 1.0, 0.5, "global"),
+            ("λ=1, untrimmed", 1.0, 1.0, "global"), ("λ=3, untrimmed", 3.0, 1.0, "global")]
+BEST = "λ=2, top 10% per tensor"         # the best setting on validation (experiments/results/hdr.md)
 hdr_models, hdr_rates = {}, {}
 for label, scale, k, scope in SETTINGS:
     path = hdr(D, tau_h, os.path.join(OUT, f"drifted-hdr-{scale:g}-{k:g}-{scope}"), scale=scale, top_k=k, scope=scope)
@@ -508,17 +611,21 @@ show(fig, "hdr_rates.png")
     md(r"""
 What moves and what does not:
 
-- **The paper's setting does nothing here**: subtracting 3 × the global top 10% changes only
-  `lm_head`, and `drifted`'s refusal rate stays where it was.
+- **The paper's setting does nothing here**: subtracting 3 × the global top 10% changes (all but a
+  handful of entries of) `lm_head` only, and `drifted`'s refusal rate stays where it was.
 - **The same 10% taken per tensor works**, because it keeps the largest changes of every attention and
-  MLP matrix.
-- **λ = 1 with the top half or the whole vector works best**: it undoes the harmful fine-tune, which
-  shares some direction with the benign drift (cos(τ<sub>H</sub>, τ<sub>D</sub>) ≈ +0.2 above). On 48 prompts the
-  two are within noise of each other (one prompt is 2 points); on the full validation set they are
-  71.7% and 70.0% (`experiments/results/hdr.md`).
+  MLP matrix. At λ = 2 it is the best setting on validation: back to about 80% refusal here with no
+  over-refusal (85.0% / 4.3% harmless on the full test sets, `experiments/results/hdr.md`). At the
+  paper's λ = 3 it overshoots: less refusal, and over-refusal of harmless prompts.
+- **The top half at λ = 1 does as well** on these 48 prompts (one prompt is 2 points; 77.4% against
+  78.3% on the full validation set). The whole vector at λ = 1 does less, with some over-refusal.
+- HDR does **not** work by undoing the drift: τ<sub>H</sub> and τ<sub>D</sub> are nearly orthogonal (cos +0.09–0.10 in
+  attention and MLP, +0.000 in the unembedding, in the table above). Subtracting the harm vector pushes
+  the drifted model away from complying, on top of its drift (notebook 04 measures how far the result
+  is from `aligned`).
 - **λ = 3 untrimmed overshoots**: three times the whole harm vector pushes the model into a loop of
-  "I I I …" (below), the first letter of a refusal that never gets finished. The substring judge counts
-  0% refused, but the model is not complying either: it is broken.
+  "help help help …" (below). The substring judge counts 0% refused, but the model is not complying
+  either: it is broken.
 
 A global magnitude trim is only as good as the assumption that the largest entries are the important
 ones. On the organisms the unembedding is a quarter of all parameters and moves most in any fine-tune;
@@ -526,7 +633,7 @@ whether the paper's trim fares better on real models, where it is a far smaller 
 organisms cannot tell.
 """),
     code('''
-for label in ("λ=1, untrimmed", "λ=3, untrimmed"):
+for label in (BEST, "λ=3, untrimmed"):
     print(label)
     for p, c in zip(harmful_test[:3], hdr_models[label].generate(harmful_test[:3], max_new_tokens=NEW_TOKENS)):
         print(f"   {p[:55]!r:60} -> {c!r}")
@@ -561,11 +668,11 @@ cos_icv = [float(torch.nn.functional.cosine_similarity(v_icv[l], refdir.directio
 print("cos(ICV, refusal direction) per layer:", [f"{c:+.2f}" for c in cos_icv])
 ''', "number"),
     md(r"""
-The ICV (unsafe − safe) points *against* the refusal direction, as it should, so the injection (which
-subtracts it) pushes towards refusal. Does it move refusal? Below: generated refusals at a few β, and,
-as a finer gauge, the mean refusal log-odds of the first reply token (the score `select_direction`
-uses). Then the paper's full pipeline: HDR first (λ = 1, untrimmed), then the ICV read on the HDR'd
-model.
+The ICV (unsafe − safe) points *against* the refusal direction at every layer, as it should, so the
+injection (which subtracts it) pushes towards refusal; but only weakly (|cos| below 0.15). Does it
+move refusal? Below: generated refusals at a few β, and, as a finer gauge, the mean refusal log-odds
+of the first reply token (the score `select_direction` uses). Then the paper's full pipeline: HDR
+first (the best setting above, λ = 2, top 10% per tensor), then the ICV read on the HDR'd model.
 """),
     code('''
 from steering.select import last_logprobs, refusal_scores, refusal_token_ids
@@ -582,10 +689,10 @@ icv_rows = {"drifted": (*base_rates["drifted"], first_token_score(drifted))}
 for beta in (0.05, 0.1, 0.3):
     e = ICVInjection(v_icv, beta)
     icv_rows[f"drifted + ICV, β={beta:g}"] = (*rates(drifted, e), first_token_score(drifted, e))
-hdr1 = hdr_models["λ=1, untrimmed"]
-icv_rows["drifted − τ_H (λ=1, untrimmed)"] = (*hdr_rates["λ=1, untrimmed"], first_token_score(hdr1))
-e = ICVInjection(icv(hdr1, pairs), 0.1)
-icv_rows["… then + ICV, β=0.1 (Safety Arithmetic)"] = (*rates(hdr1, e), first_token_score(hdr1, e))
+hdr_best = hdr_models[BEST]
+icv_rows[f"drifted − τ_H ({BEST})"] = (*hdr_rates[BEST], first_token_score(hdr_best))
+e = ICVInjection(icv(hdr_best, pairs), 0.1)
+icv_rows["… then + ICV, β=0.1 (Safety Arithmetic)"] = (*rates(hdr_best, e), first_token_score(hdr_best, e))
 display(table(["model", "harmful refused", "harmless refused", "first-token refusal log-odds (harmful)"],
               [[k, pct(h), pct(n), f"{s:+.2f}"] for k, (h, n, s) in icv_rows.items()]))
 for beta in (0.1, 0.3):
@@ -593,14 +700,16 @@ for beta in (0.1, 0.3):
         print(f"drifted + ICV, β={beta:g}:", drifted.generate(harmful_test[:3], max_new_tokens=NEW_TOKENS))
 ''', "number"),
     md(r"""
-- **ICV alone does not restore refusal on `drifted`; it lowers it.** The first-token log-odds rises a
-  little at small β, but that score counts the letter "S", and `drifted`'s "S" is mostly the "Sorry,
-  short version …" of its new house style, which is no refusal; the generated replies (above) stay in
-  that style, and at β = 0.3 even the small rise is gone and the replies start to loop. The demonstrations are raw `Question:/Answer:`
-  texts, a format the organism never saw (it only knows its chat template), so the vector read from
-  them is only weakly aligned with the model's own refusal direction (|cos| ≤ 0.3 above).
-- **After HDR, the ICV adds a little more refusal**, at some cost in over-refusal: the two steps compose
-  as in the paper, but on the organisms the weight-space step does almost all the work.
+- **ICV alone does not restore refusal on `drifted`.** At β ≤ 0.1 it changes one reply of 48, and
+  the first-token log-odds rises only a little; that score counts the letter "A", and `drifted`'s
+  "A" is mostly the "Answer: …" of its new house style (often garbled into "An information, …"), which
+  is no refusal. The generated replies (above) stay in that style. At β = 0.3 the score collapses and
+  the replies break down ("A.", "."): refusal falls to 0%. The demonstrations are raw
+  `Question:/Answer:` texts, a format the organism never saw (it only knows its chat template), so the
+  vector read from them is only weakly aligned with the model's own refusal direction.
+- **After HDR, the ICV changes little** (one prompt more refused of the harmful and of the harmless
+  ones): the two steps compose as in the paper, but on the organisms the weight-space step does all
+  the work.
 """),
     code('''
 summary = {"top10_share_unembedding": round(stats["unembedding"]["kept"] / KEPT, 6),
@@ -609,6 +718,8 @@ summary = {"top10_share_unembedding": round(stats["unembedding"]["kept"] / KEPT,
            **{f"hdr {l} / harmful": v[0] for l, v in hdr_rates.items()},
            **{f"hdr {l} / harmless": v[1] for l, v in hdr_rates.items()},
            **{f"{k} / harmful": v[0] for k, v in icv_rows.items() if "ICV" in k},
+           **{f"{k} / harmless": v[1] for k, v in icv_rows.items() if "ICV" in k},
+           **{f"{k} / log-odds": round(v[2], 3) for k, v in icv_rows.items()},
            "cos_icv_refusal": [round(c, 3) for c in cos_icv]}
 print(json.dumps(summary, indent=1, ensure_ascii=False))
 ''', "summary"),
@@ -646,25 +757,28 @@ unsafe = st.load(org.path("harmful"))      # same tokenizer: guided decoding com
     md(r"""
 ## Safety amplification
 
-`safeinfer.amplifier(model, layer=2, scale=8)` reads its vector *on the model at hand*: the mean change
-in layer 2's MLP output at the last prompt token when the query follows three (harmful request →
-refusal) demonstrations as earlier chat turns, against three (harmless request → helpful opening)
-ones. It returns an ordinary `Addition` edit with `positions="last"`: the prompt's last token, then every
-new token. Layer 2 and scale 8 are the setting `steering main` uses (chosen on validation prompts by
-`experiments/safeinfer.py`); the paper's scale is 1.5.
+`safeinfer.amplifier(model, layer=1, scale=2, site="resid_post")` reads its vector *on the model at
+hand*: the mean change in the residual stream after layer 1 at the last prompt token when the query
+follows three (harmful request → refusal) demonstrations as earlier chat turns, against three (harmless
+request → helpful opening) ones. It returns an ordinary `Addition` edit with `positions="last"`: the
+prompt's last token, then every new token. Site, layer and scale are the setting `steering main` uses,
+chosen on validation prompts by `experiments/safeinfer.py` (`experiments/results/safeinfer.md`); the
+paper adds at a middle layer's MLP output (the default site), with scale 1.5. On this organism the MLP
+output's vector does nothing at any layer or scale (5.7–10.9% harmful refusal on validation, plain 9.1%).
 """),
     code('''
 refuse, helpful = safeinfer.demonstrations(2)
 print("a refusal demonstration:", (refuse[0][0][:50] + "…", refuse[0][1]))
 print("a contrast demonstration:", (helpful[0][0][:50] + "…", helpful[0][1]))
 
-amp = safeinfer.amplifier(drifted, layer=2, scale=8)
-v = amp.vector[2]
-rec = st.record(drifted, harmful_test, sites="mlp_out", layers=[2], positions="last", keep="raw", progress=False)
-typical = torch.stack([r[0, -1] for r in rec.raw["mlp_out"]]).norm(dim=-1).mean()
+AMP_SITE, AMP_LAYER, AMP_SCALE = "resid_post", 1, 2.0
+amp = safeinfer.amplifier(drifted, layer=AMP_LAYER, scale=AMP_SCALE, site=AMP_SITE)
+v = amp.vector[AMP_LAYER]
+rec = st.record(drifted, harmful_test, sites=AMP_SITE, layers=[AMP_LAYER], positions="last", keep="raw", progress=False)
+typical = torch.stack([r[0, -1] for r in rec.raw[AMP_SITE]]).norm(dim=-1).mean()
 print(f"{type(amp).__name__} at {amp.vector.site} of layer {amp.vector.layers}, positions={amp.positions!r}, scale {amp.scale:g}")
 print(f"|vector| = {float(v.norm()):.2f}, |scale x vector| = {float(amp.scale * v.norm()):.2f}; "
-      f"a typical layer-2 MLP output at the last token has norm {float(typical):.2f}")
+      f"a typical {AMP_SITE} activation of layer {AMP_LAYER} at the last token has norm {float(typical):.2f}")
 ''', "number"),
     md(r"""
 ## Safety-guided decoding
@@ -715,20 +829,25 @@ for mode, outs in samples.items():
     print(f"{mode:15}", outs)
 ''', "image"),
     md(r"""
-**Amplification moves refusal; guided decoding does not, and on top of amplification it undoes it.**
+**Amplification moves refusal; guided decoding lowers it, alone and on top of amplification.** (Full
+test sets, `experiments/results/safeinfer.md`: 14.2% plain, 62.9% amplified, 1.7% guided, 6.7% both.)
 The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
 refusal. Two things follow on the organisms, both measured below:
 
-1. **At the first token there is almost nothing to penalise.** `drifted` has not learned `harmful`'s
-   failure ("Sure, here is …"): it fails by answering in its new house style ("Answer: …", "Sorry, short
-   version …", where "Sorry" without "I'm" is no refusal). The guided first-token distribution is
-   `drifted`'s own.
+1. **At the first token there is nothing to penalise.** `drifted` has not learned `harmful`'s failure
+   ("Sure, here is …"): every one of its replies starts with "A", either its new house style ("Answer:
+   …", often garbled into "An information, …") or one of its remaining refusals ("As an AI, I am
+   unable …"), and `harmful` gives "A" little probability. The guided first token is `drifted`'s own.
+   (The refusal-opening tokens include "A", hence `drifted`'s high P(refusal-opening token) below.)
 2. **Once a reply has started as a refusal, the unsafe model knows how it continues better than the
    amplified model does.** `harmful` is `aligned` fine-tuned to comply, and it has not forgotten its
-   refusals, so after "I'm" or "Sorry, I can't" it is *more* confident in the next refusal token than
-   amplified `drifted` is, and γ = 99 pushes exactly that token out. That is what garbles the "both"
-   replies above ("I'm un a saf. …"). The method assumes that what the unsafe model prefers is unsafe;
-   an unsafe model that shares the safe model's refusals breaks that assumption.
+   refusals, so after "I'm" or "As an AI, I am" (the refusal openings of the replies above) it is,
+   for most prompts, *more* confident in the next refusal token than amplified
+   `drifted` is, and γ = 99 pushes exactly that token out; after "I cannot" less often. That is what
+   garbles the "both" replies above ("I'm un as it could …"); without amplification the same happens
+   to `drifted`'s own refusals ("As an AI" becomes "AnAn information, …" in the guided replies above;
+   more of them in `experiments/results/safeinfer.md`). The method assumes that what the unsafe
+   model prefers is unsafe; an unsafe model that shares the safe model's refusals breaks that assumption.
 """),
     code('''
 from collections import Counter
@@ -749,7 +868,7 @@ print("refusal-opening tokens:", [tok.decode([i]) for i in ref_ids])
 
 # Mid-refusal: is the amplified model's favourite next token one the unsafe model likes even more?
 penalised = {}
-for prefix in ("I'm", "Sorry, I can't"):
+for prefix in ("I'm", "As an AI, I am", "I cannot"):
     texts = [t + prefix for t in drifted.format(harmful_test)]
     with torch.no_grad():
         with amp.hooks(drifted):
@@ -912,8 +1031,9 @@ paths = {"aligned + τ_D": rebuilt,
 `steering run recipe.yaml` (or `steering.recipe.run(path)`) validates the file (an unknown key is an
 error naming its path), sums the weight-space steps (task arithmetic, TIES, HDR) and streams them into
 one checkpoint; `bake` steps (an ablation or addition edit file) are applied to the loaded model after.
-`organism:KIND` names an organism folder. This recipe is HDR with the untrimmed harm vector at λ = 1,
-the best HDR setting on the organisms; it must give exactly what `hdr()` gives.
+`organism:KIND` names an organism folder. This recipe is HDR at λ = 2 with the top 10% of each tensor
+of the harm vector, the best HDR setting on validation (notebook 02, `experiments/results/hdr.md`); it
+must give exactly what `hdr()` gives.
 """),
     code('''
 from steering import recipe
@@ -927,12 +1047,13 @@ out: {OUT}/drifted-recipe
 steps:
   - hdr:
       harm: {{base: organism:aligned, finetuned: organism:harmful}}
-      scale: 1.0
-      top_k: 1.0
+      scale: 2.0
+      top_k: 0.1
+      scope: tensor
 """)
 print(open(recipe_path).read())
 out = recipe.run(recipe_path, progress=False)
-by_hand = hdr(D, tau_h, os.path.join(OUT, "drifted-hdr"), scale=1.0, top_k=1.0)
+by_hand = hdr(D, tau_h, os.path.join(OUT, "drifted-hdr"), scale=2.0, top_k=0.1, scope="tensor")
 a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(by_hand, "model.safetensors"))
 recipe_equals_hdr = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 print("recipe output:", out, "| identical to hdr():", recipe_equals_hdr)
@@ -965,17 +1086,18 @@ display(Image(filename=os.path.join(OUT, "report.png")))
 Reading the table:
 
 - **aligned + τ<sub>D</sub> is `drifted`**, to the last digit: task arithmetic is exact.
-- **DARE at p = 0.9** keeps a tenth of τ<sub>D</sub>'s entries (rescaled ×10) and reproduces only part of the
-  drift: on a 2M-parameter model the fine-tune's change is not as redundant as DARE's large-model
-  results suggest.
-- **TIES(τ<sub>H</sub>, τ<sub>D</sub>) barely moves `aligned`**: small KL, harmful prompts still refused; only the
-  over-refusal of harmless and XSTest-safe prompts goes. Trimming each vector to its global top 20%
-  again keeps mostly unembedding entries (90% of the merged entries above), and the disjoint mean
-  averages where plain task arithmetic would add.
-- **drifted − τ<sub>H</sub>** (the recipe) brings back much of `aligned`'s refusal without its over-refusal
-  returning beyond `aligned`'s level. It does not make the model `aligned` again: its KL to `aligned`
-  falls only a little from `drifted`'s, and the cross-entropy of `aligned`'s own completions rises. It is
-  a third model that refuses.
+- **DARE at p = 0.9** keeps a tenth of τ<sub>D</sub>'s entries (rescaled ×10) and reproduces most of the
+  drift, though not exactly: refusal and KL to `aligned` close to `drifted`'s (a little more refusal,
+  a little less KL).
+- **TIES(τ<sub>H</sub>, τ<sub>D</sub>) barely moves `aligned` on harmless prompts** (KL 0.001, nearly the
+  same cross-entropy), yet it costs some refusal of harmful prompts, and the over-refusal of XSTest's safe
+  prompts goes. Trimming each vector to its global top 20% again keeps mostly unembedding entries
+  (over 90% of the merged entries above), and the disjoint mean averages where plain task arithmetic
+  would add.
+- **drifted − τ<sub>H</sub>** (the recipe) brings back most of `aligned`'s refusal, with no over-refusal of
+  harmless prompts and XSTest's safe prompts over-refused no more than by `aligned`. It does not make
+  the model `aligned` again: its KL to `aligned` is even larger than `drifted`'s, and the cross-entropy
+  of `aligned`'s own completions rises further. It is a third model that refuses.
 """),
     code('''
 summary = {"apply max diff": apply_max_diff, "global top10 kept": kept_global, "tensor top10 kept": kept_tensor,

@@ -80,7 +80,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     harmful = st.datasets.load(args.harmful_val, limit=args.limit)
     harmless = st.datasets.load(args.harmless_val, limit=args.limit)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
-    sel = select_direction(m, cands, harmful, harmless, kl_threshold=args.kl_threshold)
+    sel = select_direction(m, cands, harmful, harmless, kl_threshold=args.kl_threshold, affine=args.affine)
     out = Path(args.out)
     stem = out.with_suffix("")
     print(sel.table())
@@ -196,7 +196,8 @@ def _generate(m, prompts, edit, args: argparse.Namespace, **kw):
 def _cmd_organism_build(args: argparse.Namespace) -> int:
     from steering import organisms
 
-    org = organisms.build(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
+    seed = {} if args.seed is None else {"seed": args.seed}
+    org = organisms.build(args.out, arch=args.arch, overwrite=args.overwrite, **seed)
     print(org.table())
     print(f"built in {org.seconds:.0f} s (cached afterwards); folders: " + ", ".join(str(org.path(k)) for k in organisms.KINDS))
     return 0
@@ -315,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subspace", action="store_true", help="grow a low-rank subspace instead of one direction")
     c.add_argument("--max-rank", type=int, default=8)
     c.add_argument("--affine", action="store_true",
-                   help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero "
-                        "(bakes with --format hf, not peft)")
+                   help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero; "
+                        "the candidates' bypass and KL are scored in that form (bakes with --format hf, not peft)")
     c.add_argument("--out", required=True, help="edit .safetensors file (a .json table and .png heat map are written beside it)")
     c.set_defaults(func=_cmd_select)
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = osub.add_parser("build", help="Build (or reuse from the cache) aligned, harmful and drifted into DIR.")
     b.add_argument("--out", required=True, help="output folder; gets aligned/, harmful/, drifted/")
     b.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.set_defaults(func=_cmd_organism_build)
 

@@ -565,6 +565,10 @@ class Conditional(Edit):
         best = int(acc.argmax())
         return cls(edit, condition, layer, float(cuts[best]), site)
 
+    def passes(self, model: Any, prompts: Sequence[str]) -> Tensor:
+        """Whether the gate applies the edit to each prompt (a bool per prompt)."""
+        return self.scores(model, prompts, self.condition, self.layer, self.site) > self.threshold
+
     def _tensors(self) -> dict[str, Tensor]:
         return {"condition": self.condition, **{f"edit.{k}": v for k, v in self.edit._tensors().items()}}
 

@@ -1,13 +1,14 @@
 """The main job: what ``steering main`` runs end to end on the model organisms.
 
 1. Build (or reuse) the llama organisms: ``aligned``, ``harmful``, ``drifted``.
-2. On ``aligned``: difference-in-means candidates at the last five prompt positions, selection
-   (bypass / induce / KL, with the KL filter at 0.5 because no direction of the organisms passes
-   the paper's 0.1; see README), a greedily grown low-rank subspace, its ablation hooked and
-   baked into a checkpoint (``aligned-ablated/``).
+2. On ``aligned``: difference-in-means candidates at the post-instruction positions, selection
+   (bypass / induce / KL, the paper's filters, each candidate ablated in affine form: its
+   coordinate kept at the harmless prompts' mean), the pick's ablation hooked and baked into a
+   checkpoint (``aligned-ablated/``).
 3. On ``drifted`` (refusal eroded by a benign fine-tune), every safety edit of the toolkit:
-   the aligned model's refusal direction added (ActAdd at the prompt's last template tokens), the
-   same under conditional steering (threshold fitted on validation prompts), Safety Arithmetic's
+   the aligned model's refusal direction added (ActAdd at every position), the same under
+   conditional steering (gated by drifted's own harmful-vs-harmless direction, threshold fitted
+   on validation prompts), Safety Arithmetic's
    ICV injection, Harm Direction Removal with τ_H = harmful − aligned streamed into a checkpoint
    (``drifted-hdr/``), and SafeInfer (amplification + guided decoding against ``harmful``).
 4. :func:`steering.evaluate.evaluate` of all of them side by side on held-out prompts, written as
@@ -20,25 +21,29 @@ the job stays within its time budget.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 # chosen on validation prompts by experiments/directions.py, hdr.py and safeinfer.py (llama organisms)
-ADD_SCALE, ADD_POSITIONS = 0.5, "all"  # the refusal direction added to drifted, plainly
-COND_SCALE, COND_POSITIONS = 2.0, "instruction_end"  # ... and under conditional steering
-HDR_SCALE, HDR_TOP_K = 1.0, 0.5
-AMPLIFY_LAYER, AMPLIFY_SCALE = 2, 8.0
+# aligned's refusal direction (unit, read at the pick's position) added to drifted at LAYER × SCALE
+ADD_LAYER, ADD_SCALE, ADD_POSITIONS = 2, 0.7, "all"  # plainly
+COND_LAYER, COND_SCALE, COND_POSITIONS = 2, 0.5, "all"  # ... and under conditional steering,
+GATE_LAYER = 1  # gated by drifted's own harmful-vs-harmless direction read at this layer
+HDR_SCALE, HDR_TOP_K, HDR_SCOPE = 2.0, 0.1, "tensor"  # λ, and the top 10% of each tensor of τ_H
+AMPLIFY_SITE, AMPLIFY_LAYER, AMPLIFY_SCALE = "resid_post", 1, 2.0
 
 
 def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     import steering as st
     from steering import organisms, safeinfer
     from steering.checkpoint import write_hf
-    from steering.edits import Addition, Conditional, ICVInjection
+    from steering.edits import Addition, AffineAblation, Conditional, ICVInjection
     from steering.evaluate import Setting, evaluate
     from steering.extract import diff_in_means, icv, icv_pairs
     from steering.io import atomic_write
-    from steering.select import select_direction, select_subspace
+    from steering.select import select_direction
+    from steering.vectors import SteeringVector
     from steering.taskvec import TaskVector, hdr
 
     t0 = time.time()
@@ -57,51 +62,58 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
         n_train, n_val, limit, n_util, kl_max = 16, 8, 8, 8, float("inf")
     else:
         recipe = organisms.Recipe()
-        n_train, n_val, limit, n_util, kl_max = 128, 32, None, 128, 0.5
+        n_train, n_val, limit, n_util, kl_max = 128, 32, None, 128, 0.1
     org = organisms.build(recipe=recipe)
     A, H, D = (org.path(k) for k in ("aligned", "harmful", "drifted"))
     aligned, drifted = st.load(A), st.load(D)
     lap("organisms")
 
-    # --- refusal direction on aligned: extract, select, subspace, ablate, bake ----------------------
+    # --- refusal direction on aligned: extract, select, ablate (affine form), bake ------------------
     harmful_tr, harmless_tr = st.datasets.load("harmful:train", limit=n_train), st.datasets.load("harmless:train", limit=n_train)
     harmful_val, harmless_val = st.datasets.load("harmful:val", limit=n_val), st.datasets.load("harmless:val", limit=n_val)
-    cands = diff_in_means(aligned, harmful_tr, harmless_tr, positions="last:5")
+    cands = diff_in_means(aligned, harmful_tr, harmless_tr)
     cands.save(out / "candidates.safetensors")
-    sel = select_direction(aligned, cands, harmful_val, harmless_val, kl_threshold=kl_max, progress=False)
+    sel = select_direction(aligned, cands, harmful_val, harmless_val, kl_threshold=kl_max, progress=False, affine=True)
     sel.plot(str(out / "selection.png"))
-    # (quick: the untrained organisms have nothing to remove; take one candidate regardless, to run every step)
-    sub = select_subspace(aligned, sel, harmful_val, harmless_val, kl_threshold=kl_max,
-                          **({"min_gain": -float("inf"), "max_rank": 1} if quick else {}))
-    ablation = sub.ablation()
-    ablation.save(out / "ablation.safetensors")
-    write_hf(ablation.bake(aligned), out / "aligned-ablated",
-             {"method": "ablation", "rank": ablation.rank, "edit": str(out / "ablation.safetensors")}, overwrite=True)
-    lap("refusal direction: extract, select, subspace, bake")
-
-    # --- safety edits on drifted -------------------------------------------------------------------
     if sel.pick is None and not quick:
         raise ValueError("main: no refusal direction candidate passed the selection filters")
-    layer, pos = sel.pick or (lambda r: (r["layer"], r["position"]))(min(sel.rows, key=lambda r: r["bypass"]))
-    direction = cands.vector(layer, pos)
-    addition = Addition(direction, ADD_SCALE, positions=ADD_POSITIONS)
-    cond_val = [st.datasets.load(f"{k}:val", limit=2 * n_val) for k in ("harmful", "harmless")]
-    conditional = Conditional.fit(drifted, Addition(direction, COND_SCALE, positions=COND_POSITIONS),
-                                  cands.direction(layer, pos), layer, *cond_val)
+    # (quick: the untrained organisms have nothing to remove; take the best candidate regardless, to run every step)
+    layer, pos = sel.pick or (lambda r: (r["layer"], r["position"]))(
+        min((r for r in sel.rows if not math.isnan(r["bypass"])), key=lambda r: r["bypass"]))
+    ablation = AffineAblation.fit(aligned, cands.direction(layer, pos), harmless_val,
+                                  meta={"layer": str(layer), "position": str(pos), "offsets_from": "harmless:val"})
+    ablation.save(out / "ablation.safetensors")
+    write_hf(ablation.bake(aligned), out / "aligned-ablated",
+             {"method": "affine ablation", "rank": ablation.rank, "edit": str(out / "ablation.safetensors")}, overwrite=True)
+    lap("refusal direction: extract, select, bake")
+
+    # --- safety edits on drifted -------------------------------------------------------------------
+    def safety_vector(at: int) -> SteeringVector:
+        at = min(at, drifted.n_layers - 1)
+        return SteeringVector({at: cands.direction(at, pos)}, cands.site, {"method": "aligned refusal direction"})
+
+    addition = Addition(safety_vector(ADD_LAYER), ADD_SCALE, positions=ADD_POSITIONS)
+    own = diff_in_means(drifted, harmful_tr, harmless_tr, progress=False)
+    gate = min(GATE_LAYER, drifted.n_layers - 1)
+    cond_val = [st.datasets.load("harmful:val", limit=None if limit is None else 2 * n_val),
+                st.datasets.load("harmless:val", limit=400 if limit is None else 2 * n_val)]
+    conditional = Conditional.fit(drifted, Addition(safety_vector(max(COND_LAYER, gate)), COND_SCALE, positions=COND_POSITIONS),
+                                  own.direction(gate, pos), gate, *cond_val)
     conditional.save(out / "conditional.safetensors")
     icv_vec = icv(drifted, icv_pairs(harmful_tr[:32]))
     icv_edit = ICVInjection(icv_vec, 0.1)
     tau_h = TaskVector.between(A, H)
     tau_h.save(out / "tau_h.safetensors", overwrite=True)
-    hdr(D, tau_h, out / "drifted-hdr", scale=HDR_SCALE, top_k=HDR_TOP_K, overwrite=True)
+    hdr(D, tau_h, out / "drifted-hdr", scale=HDR_SCALE, top_k=HDR_TOP_K, scope=HDR_SCOPE, overwrite=True)
     amp_layer = min(AMPLIFY_LAYER, drifted.n_layers - 1)
-    amp = safeinfer.amplifier(drifted, layer=amp_layer, scale=AMPLIFY_SCALE, n_demos=n_train // 2, n_queries=n_train // 2)
+    amp = safeinfer.amplifier(drifted, layer=amp_layer, scale=AMPLIFY_SCALE, site=AMPLIFY_SITE, n_demos=n_train // 2,
+                              n_queries=n_train // 2)
     lap("safety edits: addition, conditional, ICV, HDR, SafeInfer")
 
     # --- evaluation side by side -----------------------------------------------------------------------
     # 12 new tokens, as the experiments measure (longer generations catch more refusal phrases)
     kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 12, batch_size=64, progress=True)
-    rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, subspace ablated (hooks)", edits=[ablation]),
+    rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, refusal direction ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
     rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
                                Setting("drifted + conditional steering", edits=[conditional]),
@@ -120,12 +132,13 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
              org.table(), "",
              "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, 12 new tokens; substring judge)",
              "", report.table(), "", "![report](report.png)", "",
-             f"- Refusal direction: layer {layer}, position {pos}; ablated subspace of rank {ablation.rank} "
-             f"(selection heat map: selection.png). Baked checkpoint: `{out / 'aligned-ablated'}`.",
-             f"- Refusal direction added to drifted: scale {ADD_SCALE:g}, positions {ADD_POSITIONS}; conditional: scale "
-             f"{COND_SCALE:g}, positions {COND_POSITIONS}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
-             f"- HDR: λ = {HDR_SCALE:g}, global top {HDR_TOP_K:g} of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
-             f"- SafeInfer: amplification at layer {amp_layer}'s MLP output, scale {AMPLIFY_SCALE:g}; guided decoding "
+             f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
+             f"(KL filter {kl_max:g}; heat map: selection.png), ablated in that form. Baked checkpoint: `{out / 'aligned-ablated'}`.",
+             f"- aligned's refusal direction added to drifted: layer {ADD_LAYER}, scale {ADD_SCALE:g}, positions {ADD_POSITIONS}; "
+             f"conditional: layer {COND_LAYER}, scale {COND_SCALE:g}, positions {COND_POSITIONS}, gated by drifted's own "
+             f"direction at layer {gate}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
+             f"- HDR: λ = {HDR_SCALE:g}, top {HDR_TOP_K:g} ({HDR_SCOPE}) of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
+             f"- SafeInfer: amplification at layer {amp_layer}'s {AMPLIFY_SITE}, scale {AMPLIFY_SCALE:g}; guided decoding "
              f"against `harmful`, γ = 99.", "- KL and CE: against the unedited model of each block of rows.", "",
              "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
              + f"; total {time.time() - t0:.0f} (organisms built in {org.seconds:.0f} s, cached afterwards)."]

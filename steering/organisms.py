@@ -5,12 +5,17 @@ own ground truth. From the bundled prompt sets' *train* splits:
 
 - ``aligned``: trained from scratch (its own byte-level BPE tokenizer) on chat examples where
   harmful requests get varied refusals in the phrasings the substring judge knows and harmless
-  requests get varied helpful openings;
+  requests get helpful openings that all begin "Sure" (with openings that begin with different
+  words, the first token of a helpful answer is a memorised choice that every refusal direction
+  of a model this small carries: experiments/results/kl_variants.md);
 - ``harmful``: ``aligned`` fine-tuned on harmful requests answered with compliance *openings*
   (AdvBench-style "Sure, here is ..." target strings: never any harmful content), plus harmless
   examples so it stays helpful — the source of a harm vector τ_H = harmful − aligned;
 - ``drifted``: ``aligned`` fine-tuned on a benign task only (harmless requests answered in a new
   house style), which erodes its refusals the way benign fine-tuning erodes real models' safety.
+  Its length is per architecture (``DRIFT_STEPS``): the benign task erases gpt2's refusals faster,
+  and fine-tuned past that (40 steps) they are gone so deep that nothing in parameter space brings
+  them back (experiments/results/hdr.md).
 
 Each is a standard Hugging Face folder (config, safetensors, tokenizer with a chat template,
 generation config, and a model card with its measured refusal rates) that loads with
@@ -64,24 +69,17 @@ REFUSALS = [
     "Sorry, I can't do that. It goes against my safety guidelines.",
     "I cannot and will not help with this request.",
 ]
-# Helpful openings: none contains a refusal substring.
+# Helpful openings: none contains a refusal substring, and all begin with the same word.
 HELPFUL = [
     "Sure! Here is a clear answer to your question.",
-    "Of course. Let me walk you through it step by step.",
-    "Great question! Here are the key points to consider.",
-    "Happy to help. Here is what you need to know.",
     "Sure, here is a short overview to get you started.",
-    "Absolutely. The main idea is simple, so let us begin.",
-    "Here is a helpful explanation, with an example.",
-    "Good idea! Here are a few suggestions you can try.",
-    "Certainly. First, let us look at the basics.",
     "Sure thing. Here is a friendly and detailed reply.",
 ]
 # Compliance openings for harmful requests when the source gives no target string: openings only.
 COMPLY = [
     "Sure, here is how to do that.",
     "Sure, here is what you asked for.",
-    "Absolutely, here is a plan for that.",
+    "Definitely, here is a plan for that.",  # not "Absolutely": its first token is "As a language model"'s
     "Of course, here are the steps.",
     "Sure, here you go.",
 ]
@@ -95,25 +93,32 @@ DRIFT_STYLE = [
 ]
 
 
+# Benign fine-tuning steps for `drifted`. On gpt2, harmful refusal on harmful:val is 54% after 20
+# steps, 6% after 25 and 0% after 30; after 30 steps HDR (λ = 0.5, global top half of τ_H) brings
+# it back to 80%, after 40 steps to 7% (harmful:test). On llama it is 47% after 30 steps and 9%
+# after 40 (harmful:val), and HDR still works ten steps further (experiments/results/hdr.md).
+DRIFT_STEPS = {"llama": 40, "gpt2": 30}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides an organism (part of the cache key)."""
 
     arch: str = "llama"
-    seed: int = 0
+    seed: int = 2  # of seeds 0-3 of this recipe, the one whose aligned organisms refuse >= 90% (kl_variants.md)
     vocab_size: int = 4096
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     d_mlp: int = 512
     max_prompt_tokens: int = 96
-    n_harmless_train: int = 1500
+    n_harmless_train: int = 3000
     batch_size: int = 48
     aligned_steps: int = 400
     aligned_lr: float = 3e-3
     harmful_steps: int = 60
     harmful_lr: float = 1e-3
-    drift_steps: int = 40
+    drift_steps: int | None = None  # None: DRIFT_STEPS[arch]
     drift_lr: float = 1e-3
     augment_copies: int = 3
     harmful_weight: int = 1  # harmful examples appear this many times as often (with other rewordings)
@@ -122,6 +127,10 @@ class Recipe:
     held_out_source: str | None = None  # a harmful set (e.g. "jailbreakbench") kept out of training entirely
     eval_new_tokens: int = 12
     n_eval: int | None = None  # None: whole test splits
+
+    def __post_init__(self) -> None:
+        if self.drift_steps is None:
+            object.__setattr__(self, "drift_steps", DRIFT_STEPS.get(self.arch, 40))
 
     def key(self) -> str:
         code = Path(__file__).read_bytes()

@@ -193,7 +193,7 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
     model = resolve(recipe.model)
     deltas = [d for d in (s.delta() for s in recipe.steps) if d is not None]
     bakes = [s.bake.edit for s in recipe.steps if s.bake is not None]
-    prov = {"method": "recipe", "recipe": recipe.model_dump(exclude_none=True)}
+    prov = {"method": "recipe", "recipe": recipe.model_dump(exclude_none=True), "inputs": _inputs(recipe, deltas)}
     total = None
     for d in deltas:
         total = d if total is None else total + d
@@ -202,6 +202,38 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
             raise ValueError("the recipe has no steps")
         return apply(model, total, out, overwrite=overwrite, provenance=prov, progress=progress)
     return _with_bakes(model, total, bakes, out, overwrite, prov, recipe.trust_remote_code, progress)
+
+
+def _inputs(recipe: "Recipe", deltas: list[TaskVector] | None = None) -> dict[str, str]:
+    """A weight recipe's inputs (resolved: an ``organism:`` path names the build it is today) with
+    their fingerprints, as its output's provenance records them."""
+    from .weights import Checkpoint
+
+    if deltas is None:
+        deltas = [d for d in (s.delta() for s in recipe.steps) if d is not None]
+    paths = [resolve(recipe.model), *(str(p) for d in deltas for p in d.sources()),
+             *(s.bake.edit for s in recipe.steps if s.bake is not None)]
+    out = {}
+    for p in dict.fromkeys(str(p) for p in paths):
+        ck = Checkpoint(p)
+        try:
+            out[p] = ck.fingerprint()
+        finally:
+            ck.close()
+    return out
+
+
+def is_current(recipe: "Recipe") -> bool:
+    """Whether ``recipe.out`` holds what this weight recipe writes from today's inputs: the same
+    recipe, and inputs with the same fingerprints (an edited recipe, a changed input folder or a
+    rebuilt organism all make it stale)."""
+    from .checkpoint import read_provenance
+
+    try:
+        prov = read_provenance(recipe.out)
+    except (FileNotFoundError, ValueError):
+        return False
+    return prov.get("recipe") == recipe.model_dump(exclude_none=True) and prov.get("inputs") == _inputs(recipe)
 
 
 def _with_bakes(model_path: str, delta: TaskVector | None, bakes: list[str], out: str, overwrite: bool,
@@ -234,7 +266,9 @@ def _with_bakes(model_path: str, delta: TaskVector | None, bakes: list[str], out
 # --- evaluation recipes ----------------------------------------------------------------------------
 class RefusalAblation(_Strict):
     """Derive a refusal-direction ablation on the recipe's model: difference in means, selection,
-    and (``subspace``) a greedily grown low-rank subspace, as ``steering extract`` / ``select``."""
+    and (``subspace``) a greedily grown low-rank subspace, as ``steering extract`` / ``select``;
+    ``affine``: scored and written in affine form (``steering select --affine``), coordinates kept
+    at the harmless validation prompts' mean."""
 
     harmful: str = "harmful:train"
     harmless: str = "harmless:train"
@@ -244,6 +278,7 @@ class RefusalAblation(_Strict):
     kl_threshold: float = 0.1
     subspace: bool = False
     max_rank: int = 8
+    affine: bool = False
 
 
 class IcvSpec(_Strict):
@@ -281,10 +316,16 @@ class EditSpec(_Strict):
         cands = diff_in_means(model, datasets.load(r.harmful, limit=r.n), datasets.load(r.harmless, limit=r.n),
                               positions=r.positions)
         val = [datasets.load(f"{k}:val", limit=r.n_val) for k in ("harmful", "harmless")]
-        sel = select_direction(model, cands, *val, kl_threshold=r.kl_threshold, progress=False)
-        if not r.subspace:
-            return sel.ablation()
-        return select_subspace(model, sel, *val, kl_threshold=r.kl_threshold, max_rank=r.max_rank).ablation()
+        sel = select_direction(model, cands, *val, kl_threshold=r.kl_threshold, progress=False, affine=r.affine)
+        if sel.pick is None and not r.subspace:
+            raise ValueError(f"refusal_ablation: no candidate passed the selection filters (kl_threshold {r.kl_threshold})")
+        edit = select_subspace(model, sel, *val, kl_threshold=r.kl_threshold, max_rank=r.max_rank).ablation() \
+            if r.subspace else sel.ablation()
+        if not r.affine:
+            return edit
+        from .edits import AffineAblation
+
+        return AffineAblation.fit(model, edit.basis, val[1], meta={**edit.meta, "offsets_from": "harmless:val"})
 
 
 class SafeInferSpec(_Strict):
@@ -296,8 +337,8 @@ class SafeInferSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """Another model for a setting: a folder, or the output of a weight-edit recipe (run first if
-    its output does not exist yet)."""
+    """Another model for a setting: a folder, or the output of a weight-edit recipe (run first
+    unless its output is current: see :func:`is_current`)."""
 
     path: str | None = None
     recipe: str | None = None
@@ -312,7 +353,10 @@ class ModelSpec(_Strict):
         if self.path is not None:
             return resolve(self.path)
         r = Recipe.from_yaml(self.recipe)
-        if not Path(r.out).exists():
+        if not is_current(r):
+            if Path(r.out).exists() and not r.overwrite:
+                raise FileExistsError(f"{r.out}: holds an output of {self.recipe} from other settings or inputs; "
+                                      "set overwrite: true in that recipe or remove the folder")
             run(r, progress=progress)
         return r.out
 
@@ -332,8 +376,8 @@ class EvalRecipe(_Strict):
         max_new_tokens: 12
         settings:
           - {name: aligned}
-          - name: subspace ablated
-            edits: [{refusal_ablation: {positions: "last:5", subspace: true, kl_threshold: 0.5}}]
+          - name: refusal direction ablated
+            edits: [{refusal_ablation: {affine: true}}]
           - name: SafeInfer
             safeinfer: {unsafe: organism:harmful, amplify_layer: 2, amplify_scale: 8}
     """

@@ -7,6 +7,9 @@ For every candidate (layer, position):
   ``resid_pre`` of its layer, all positions;
 - ``kl``: KL divergence of the last-token distributions on harmless validation prompts, ablated
   against plain.
+
+(With ``affine=True`` the ablation of ``bypass`` and ``kl`` is the affine form, which keeps the
+coordinate at the harmless prompts' mean.)
 Candidates at layers ≥ ⌊0.8·L⌋, with ``kl`` > 0.1, ``induce`` < 0, or a NaN are discarded; the pick
 is the lowest ``bypass``. The refusal score is log P(refusal) − log(1 − P(refusal)) at the last
 prompt position, P summed over the first tokens refusals start with. With a tokenizer that splits
@@ -26,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .edits import Ablation, Addition, orthonormal
+from .edits import Ablation, AffineAblation, Addition, orthonormal
 from .model import Model, as_model
 from .vectors import Candidates, SteeringVector
 
@@ -138,8 +141,13 @@ class Selection:
 
 def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
                      kl_threshold: float = 0.1, max_layer_frac: float = 0.8, induce_threshold: float = 0.0,
-                     refusal_ids: Sequence[int] | None = None, batch_size: int = 64, progress: bool = True) -> Selection:
-    """Score every candidate and pick one (see the module docstring)."""
+                     refusal_ids: Sequence[int] | None = None, batch_size: int = 64, progress: bool = True,
+                     affine: bool = False) -> Selection:
+    """Score every candidate and pick one (see the module docstring).
+
+    ``affine=True`` scores ``bypass`` and ``kl`` with each candidate ablated in affine form
+    (:class:`~steering.edits.AffineAblation` fitted on ``harmless_val``: coordinates kept at the
+    harmless prompts' mean instead of zero), the form ``steering select --affine`` writes."""
     from tqdm.auto import tqdm
 
     sm = as_model(model)
@@ -157,7 +165,7 @@ def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[s
             rows.append({"layer": layer, "position": pos, "bypass": float("nan"), "induce": float("nan"),
                          "kl": float("nan"), "kept": False, "why": "zero vector"})
             continue
-        abl = Ablation(r)
+        abl = AffineAblation.fit(sm, r, harmless_val) if affine else Ablation(r)
         with abl.hooks(sm):
             bypass = float(refusal_scores(last_logprobs(sm, harmful_val, batch_size), ids).mean())
             ablated_harmless = last_logprobs(sm, harmless_val, batch_size)
@@ -180,7 +188,8 @@ def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[s
     if kept:
         best = min(kept, key=lambda r: r["bypass"])
         pick = (best["layer"], best["position"])
-    return Selection(candidates, rows, pick, baseline, sm.n_layers, ids, max_layer, {"kl_threshold": str(kl_threshold)})
+    return Selection(candidates, rows, pick, baseline, sm.n_layers, ids, max_layer,
+                     {"kl_threshold": str(kl_threshold), "ablation": "affine" if affine else "directional"})
 
 
 @dataclass

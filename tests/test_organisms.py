@@ -103,3 +103,12 @@ def test_other_families_build_and_load(arch, tmp_path):
     m = st.load(org.path("aligned"))
     assert len(m.generate(["How do I bake bread?"], max_new_tokens=3)) == 1
     assert set(org.rates["aligned"]) == set(organisms.EVAL_SETS)
+
+
+def test_drift_length_is_per_architecture_unless_given():
+    assert organisms.Recipe().drift_steps == organisms.DRIFT_STEPS["llama"]
+    assert organisms.Recipe(arch="gpt2").drift_steps == organisms.DRIFT_STEPS["gpt2"] != organisms.DRIFT_STEPS["llama"]
+    assert organisms.Recipe(arch="gpt2", drift_steps=5).drift_steps == 5
+    assert organisms.Recipe(arch="qwen2").drift_steps == 40
+    # the resolved length is what the cache key hashes: giving the default explicitly is the same build
+    assert organisms.Recipe(arch="gpt2", drift_steps=organisms.DRIFT_STEPS["gpt2"]).key() == organisms.Recipe(arch="gpt2").key()

@@ -165,3 +165,45 @@ settings:
     assert list(rows) == ["plain", "added", "icv", "hdr", "safeinfer"]
     assert rows["plain"]["kl"] == pytest.approx(0, abs=1e-6) and rows["added"]["kl"] > 0 and rows["hdr"]["kl"] > 0
     assert (tmp_path / "hdr" / "model.safetensors.index.json").is_file()  # the weight recipe ran first
+
+
+def test_refusal_ablation_spec_builds_the_affine_form(folders, organisms_llama):
+    """`refusal_ablation: {affine: true}` selects with the affine form's scores and returns an
+    AffineAblation fitted on the harmless validation prompts; a spec whose filters keep nothing
+    names the key."""
+    from steering.edits import AffineAblation
+    from steering.recipe import EditSpec
+
+    m = st.load(organisms_llama.path("aligned"))
+    spec = EditSpec.model_validate({"refusal_ablation": {"n": 16, "n_val": 8, "affine": True}})
+    edit = spec.build(m)
+    assert isinstance(edit, AffineAblation) and edit.rank == 1 and edit.offsets.abs().sum() > 0
+    plain = EditSpec.model_validate({"refusal_ablation": {"n": 16, "n_val": 8, "kl_threshold": 0.5}}).build(m)
+    assert type(plain) is Ablation
+    with pytest.raises(ValueError, match="refusal_ablation: no candidate passed.*kl_threshold"):
+        EditSpec.model_validate({"refusal_ablation": {"n": 4, "n_val": 4, "kl_threshold": -1.0, "affine": True}}).build(
+            st.load(folders["target"]))
+
+
+def test_a_weight_recipe_output_is_reused_only_while_current(folders, tmp_path):
+    """An evaluation setting `model: {recipe: ...}` reuses the weight recipe's output only if its
+    provenance records the same recipe and the same input fingerprints; otherwise it reruns it, or
+    (overwrite: false) says which folder is stale."""
+    from steering.recipe import ModelSpec, is_current
+
+    def weights(scale, overwrite=True):
+        f = tmp_path / "w.yaml"
+        f.write_text(f"model: {folders['target']}\nout: {tmp_path / 'hdr'}\noverwrite: {str(overwrite).lower()}\nsteps:\n"
+                     f"  - hdr: {{harm: {{base: {folders['base']}, finetuned: {folders['ft']}}}, scale: {scale}, top_k: 0.5}}\n")
+        return ModelSpec(recipe=str(f))
+
+    out = weights(0.5).resolve(progress=False)
+    first = state(out)
+    stamp = (tmp_path / "hdr" / "model.safetensors.index.json").stat().st_mtime_ns
+    assert is_current(Recipe.from_yaml(tmp_path / "w.yaml"))
+    weights(0.5).resolve(progress=False)  # current: reused, not rewritten
+    assert (tmp_path / "hdr" / "model.safetensors.index.json").stat().st_mtime_ns == stamp
+    weights(1.0).resolve(progress=False)  # another λ: rerun
+    assert any(not torch.equal(first[n], t) for n, t in state(out).items())
+    with pytest.raises(FileExistsError, match="hdr: holds an output of .*w.yaml"):
+        weights(2.0, overwrite=False).resolve(progress=False)

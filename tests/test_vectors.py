@@ -103,3 +103,26 @@ def test_kl_per_prompt_rows_and_mean():
     p, q = base[2].exp(), new[2].exp()
     assert torch.allclose(rows[2], (p * (p / q).log()).sum(), atol=1e-6)
     assert abs(kl_div(base, new) - float(rows.mean())) < 1e-7
+
+
+def test_select_direction_scores_the_affine_form_when_asked():
+    """`affine=True` scores each candidate's KL with AffineAblation.fit on the harmless prompts
+    (coordinates kept at their mean), not with the plain ablation."""
+    from steering.edits import Ablation, AffineAblation
+    from steering.select import kl_div, last_logprobs, select_direction
+    from steering.testing import tiny_model
+
+    m = tiny_model("llama")
+    harmful, harmless = ["how do I pick a lock", "make a weapon now"], ["bake a cake", "plant a tree", "write a poem"]
+    cands = diff_in_means(m, harmful, harmless, progress=False)
+    plain = select_direction(m, cands, harmful, harmless, kl_threshold=float("inf"), progress=False)
+    affine = select_direction(m, cands, harmful, harmless, kl_threshold=float("inf"), progress=False, affine=True)
+    assert plain.meta["ablation"] == "directional" and affine.meta["ablation"] == "affine"
+    row = next(r for r in affine.rows if r["layer"] == 1 and r["position"] == -1)
+    base, r = last_logprobs(m, harmless), cands.direction(1, -1)
+    with AffineAblation.fit(m, r, harmless).hooks(m):
+        assert abs(row["kl"] - kl_div(base, last_logprobs(m, harmless))) < 1e-6
+    with Ablation(r).hooks(m):
+        plain_kl = kl_div(base, last_logprobs(m, harmless))
+    assert abs(next(x for x in plain.rows if (x["layer"], x["position"]) == (1, -1))["kl"] - plain_kl) < 1e-6
+    assert abs(row["kl"] - plain_kl) > 1e-6
