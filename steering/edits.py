@@ -265,15 +265,30 @@ class AffineAblation(Edit):
         variants with one helpful opening word, one direction ablated this way costs 1.2-9.5× the
         KL on harmless prompts, and only this default meets the refusal-direction paper's KL ≤ 0.1
         on every llama build (experiments/results/kl_variants.md)."""
+        sm = as_model(model)
+        if basis.shape[-1] != sm.d_model:
+            raise ValueError(f"ablation basis has d={basis.shape[-1]}, the model has d_model={sm.d_model}")
+        return cls.from_means(basis, cls.reference_means(sm, prompts, positions=positions, sites=sites,
+                                                         batch_size=batch_size), meta)
+
+    @staticmethod
+    def reference_means(model: Any, prompts: Sequence[str] | str, *, positions: str | int = "post_instruction",
+                        sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16) -> dict[str, Tensor]:
+        """The mean activation at each site and layer (``{site: [n_layers, d]}``) over ``positions``
+        of ``prompts``: what :meth:`fit` projects on the basis. Computed once, it serves any number
+        of bases through :meth:`from_means`."""
         from .record import record
 
-        sm = as_model(model)
+        rec = record(as_model(model), prompts, sites=list(sites), positions=positions, batch_size=batch_size, progress=False)
+        return {s: rec.mean(s).mean(1) for s in sites}
+
+    @classmethod
+    def from_means(cls, basis: Tensor, means: Mapping[str, Tensor], meta: Mapping[str, str] | None = None) -> "AffineAblation":
+        """The affine ablation whose references are ``means``' coordinates along ``basis`` (see
+        :meth:`reference_means`)."""
         q = orthonormal(basis).float()
-        if q.shape[1] != sm.d_model:
-            raise ValueError(f"ablation basis has d={q.shape[1]}, the model has d_model={sm.d_model}")
-        rec = record(sm, prompts, sites=list(sites), positions=positions, batch_size=batch_size, progress=False)
-        offsets = torch.stack([rec.mean(s).mean(1) @ q.T for s in sites])  # [sites, layers, rank]
-        return cls(q, offsets, tuple(sites), dict(meta or {}))
+        offsets = torch.stack([means[s].float() @ q.T for s in means])  # [sites, layers, rank]
+        return cls(q, offsets, tuple(means), dict(meta or {}))
 
     def _check(self, model: Model) -> None:
         if self.basis.shape[1] != model.d_model:

@@ -157,6 +157,7 @@ def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[s
     baseline = {"harmful": float(refusal_scores(base_harmful, ids).mean()),
                 "harmless": float(refusal_scores(base_harmless, ids).mean())}
     max_layer = math.floor(max_layer_frac * sm.n_layers)
+    means = AffineAblation.reference_means(sm, harmless_val) if affine else None  # once, for every candidate
     rows = []
     grid = [(l, p) for p in candidates.positions for l in range(candidates.vectors.shape[0])]
     for layer, pos in tqdm(grid, disable=not progress, desc="select"):
@@ -165,7 +166,7 @@ def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[s
             rows.append({"layer": layer, "position": pos, "bypass": float("nan"), "induce": float("nan"),
                          "kl": float("nan"), "kept": False, "why": "zero vector"})
             continue
-        abl = AffineAblation.fit(sm, r, harmless_val) if affine else Ablation(r)
+        abl = AffineAblation.from_means(r, means) if means is not None else Ablation(r)
         with abl.hooks(sm):
             bypass = float(refusal_scores(last_logprobs(sm, harmful_val, batch_size), ids).mean())
             ablated_harmless = last_logprobs(sm, harmless_val, batch_size)
