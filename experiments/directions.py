@@ -199,6 +199,12 @@ def run_arch(arch: str, work: Path) -> dict:
     res["drifted_conditional"] = {**rates(drifted, cond), "threshold": cond.threshold, "condition_layer": cond.layer,
                                   "layer": best[2], "positions": best[3], "scale": best[4],
                                   "gate_val": {"harmful": on, "harmless": off}}
+    # for comparison, the gate read along aligned's refusal direction (at the edit's layer)
+    other = Conditional.fit(drifted, best[5], cands.direction(best[2], pos), best[2], fit_h, fit_s)
+    res["drifted_conditional_aligned_gate"] = {
+        **rates(drifted, other), "condition_layer": best[2],
+        "gate_val": {"harmful": float(other.passes(drifted, fit_h).float().mean()),
+                     "harmless": float(other.passes(drifted, fit_s).float().mean())}}
     plain[5].save(work / "drifted_safety_vector.safetensors")
     cond.save(work / "drifted_conditional.safetensors")
     return res
@@ -249,7 +255,13 @@ def report(results: list[dict]) -> str:
                   f"scale {dc['scale']}; gate: drifted's own direction at layer {dc['condition_layer']}, threshold "
                   f"{dc['threshold']:.2f}, passing {pct(dc['gate_val']['harmful'])} / {pct(dc['gate_val']['harmless'])} "
                   f"of harmful / harmless validation prompts) "
-                  f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |", ""]
+                  f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |"]
+        if "drifted_conditional_aligned_gate" in r:
+            g = r["drifted_conditional_aligned_gate"]
+            lines.append(f"| … the same, gated by aligned's refusal direction at layer {g['condition_layer']} instead (passing "
+                         f"{pct(g['gate_val']['harmful'])} / {pct(g['gate_val']['harmless'])}) "
+                         f"| {pct(g['harmful:test'])} | {pct(g['harmless:test'])} | |")
+        lines.append("")
         if "drifted_sweep" in r:
             sw = r["drifted_sweep"]
             scales = sorted({e["scale"] for e in sw})
