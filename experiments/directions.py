@@ -185,8 +185,8 @@ def run_arch(arch: str, work: Path) -> dict:
     best = max(sweep, key=lambda s: s[0])
     # Conditional steering: the condition is drifted's *own* harmful-vs-harmless direction (the benign
     # fine-tune stopped it acting on harmfulness, not seeing it; aligned's refusal direction read in
-    # drifted lets 20-30% of harmless prompts through), at the layer up to the edit's whose threshold
-    # separates the validation prompts best (all of harmful:val, 400 of harmless:val).
+    # drifted lets 19-70% of harmless prompts through: the comparison below), at the layer up to the
+    # edit's whose threshold separates the validation prompts best (all of harmful:val, 400 of harmless:val).
     cli("extract", drifted_dir, "--out", str(work / "drifted_candidates.safetensors"))
     own = st.vectors.Candidates.load(work / "drifted_candidates.safetensors")
     fit_h, fit_s = st.datasets.load("harmful:val"), st.datasets.load("harmless:val", limit=400)
