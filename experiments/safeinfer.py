@@ -13,7 +13,8 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
 3. Decoding speed: tokens per second of each decoding against plain decoding, measured side by
    side in this run (64 prompts, batch 16, 32 new tokens forced, median of 3).
 
-`--own-unsafe` adds guided decoding against an unsafe fine-tune of `drifted` itself; `--why`
+`--own-unsafe` adds guided decoding against an unsafe fine-tune of `drifted` itself;
+`--both-sweep` the full SafeInfer over the whole amplification grid on validation; `--why`
 adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
@@ -81,6 +82,21 @@ def run_arch(arch: str) -> dict:
     res["tokens_per_s"] = speeds(D, U, best)
     res["guided_examples"] = guided_examples(D, U)
     return res
+
+
+def both_sweep(D, U) -> list[dict]:
+    """The full SafeInfer (amplification + guided decoding against ``U``) over the amplification
+    grid, on validation: whether choosing the amplification for the full method, rather than for
+    amplification alone, rescues it."""
+    out = []
+    for site in SITES:
+        for layer in LAYERS:
+            for scale in SCALES:
+                r = rates(D, "val", amplify=safeinfer.amplifier(D, layer=layer, scale=scale, site=site), unsafe=U)
+                out.append({"site": site, "layer": layer, "scale": scale, **r})
+                print(f"[both] {site} L{layer} x{scale:g}: harmful {100 * r['harmful']:.1f}% "
+                      f"harmless {100 * r['harmless']:.1f}%", flush=True)
+    return out
 
 
 def guided_examples(D, U, n: int = 6) -> list[list[str]]:
@@ -259,6 +275,11 @@ def write(results: list[dict]) -> None:
                           f"refuses {pct(o['unsafe_itself']['harmful'])} of harmful prompts): guided "
                           f"{pct(o['guided']['harmful'])} / {pct(o['guided']['harmless'])}, both "
                           f"{pct(o['both']['harmful'])} / {pct(o['both']['harmless'])} (harmful / harmless refusal)."]
+        if r.get("both_sweep"):
+            lines += ["", "The full SafeInfer over the same amplification grid, on validation (`--both-sweep`; harmful / "
+                          "harmless refusal):", "", "| site | layer | scale | harmful | harmless |", "|---|---|---|---|---|"]
+            lines += [f"| {c['site']} | {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |"
+                      for c in r["both_sweep"]]
         if r.get("why"):
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
@@ -289,6 +310,7 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
     ap.add_argument("--speed-only", action="store_true", help="remeasure only the decoding speeds (on a quiet machine)")
     ap.add_argument("--own-unsafe", action="store_true", help="only: guided decoding against drifted's own unsafe fine-tune")
+    ap.add_argument("--both-sweep", action="store_true", help="only: the full SafeInfer over the amplification grid (validation)")
     ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -296,6 +318,7 @@ def main() -> None:
     partial = {
         "why": lambda r, D, U: {"why": why_guided(D, U, r["best"])},
         "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
+        "both_sweep": lambda r, D, U: {"both_sweep": both_sweep(D, U)},
         "speed_only": lambda r, D, U: {"tokens_per_s": speeds(D, U, r["best"]), "guided_examples": guided_examples(D, U)},
     }
     chosen = [k for k in partial if getattr(args, k)]
