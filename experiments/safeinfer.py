@@ -144,28 +144,39 @@ def why_guided(D, U, best: dict) -> dict:
             return scores
 
     prompts = st.datasets.load("harmful:val")
-    rec = Recorder(U)
-    outs = safeinfer.generate(D, prompts, amplify=amp, max_new_tokens=N_NEW, batch_size=64, logits_processor=[rec])
-    refused = [is_refusal(o) for o in outs]
-    groups: dict[str, list[tuple[float, float]]] = {f"{k}, {w}": [] for k in ("refusal", "compliance")
-                                                    for w in ("first token", "later tokens")}
-    row = 0
-    for steps in rec.gens:
-        n = steps[0][0].shape[0] if steps else 0
-        for j, (ls, lu, t) in enumerate(steps):
-            for b in range(n):
-                if int(t[b]) != tok.pad_token_id:
-                    kind = "refusal" if refused[row + b] else "compliance"
-                    groups[f"{kind}, {'first token' if j == 0 else 'later tokens'}"].append((float(ls[b]), float(lu[b])))
-        row += n
+
+    def record(other) -> tuple[list[bool], dict[str, list[tuple[float, float]]]]:
+        """The amplified greedy answers, and per group (log p_SA, log p_other) of each chosen token."""
+        rec = Recorder(other)
+        outs = safeinfer.generate(D, prompts, amplify=amp, max_new_tokens=N_NEW, batch_size=64, logits_processor=[rec])
+        refused = [is_refusal(o) for o in outs]
+        groups: dict[str, list[tuple[float, float]]] = {f"{k}, {w}": [] for k in ("refusal", "compliance")
+                                                        for w in ("first token", "later tokens")}
+        row = 0
+        for steps in rec.gens:
+            n = steps[0][0].shape[0] if steps else 0
+            for j, (ls, lu, t) in enumerate(steps):
+                for b in range(n):
+                    if int(t[b]) != tok.pad_token_id:
+                        kind = "refusal" if refused[row + b] else "compliance"
+                        groups[f"{kind}, {'first token' if j == 0 else 'later tokens'}"].append((float(ls[b]), float(lu[b])))
+            row += n
+        return outs, groups
+
+    outs, groups = record(U)
+    # the same tokens under drifted *without* the amplification (a second copy, outside its hooks)
+    outs_plain, plain_groups = record(st.load(D.source))
+    assert outs_plain == outs  # the recorder changes nothing, so the answers are the same
     tokens = {}
     for g, rows in groups.items():
         if rows:
             sa = torch.tensor([a for a, _ in rows])
             un = torch.tensor([b for _, b in rows])
+            pl = torch.tensor([b for _, b in plain_groups[g]])
             tokens[g] = {"n": len(rows), "log_p_sa": float(sa.mean()), "log_p_u": float(un.mean()),
                          "penalised": float((un > sa).float().mean()),
-                         "mean_penalty": float((safeinfer.GAMMA * (un - sa).clamp(min=0)).mean())}
+                         "mean_penalty": float((safeinfer.GAMMA * (un - sa).clamp(min=0)).mean()),
+                         "log_p_plain": float(pl.mean()), "plain_above": float((pl > sa).float().mean())}
 
     class Variant(safeinfer.GuidedDecoding):
         def __init__(self, unsafe, margin: float = 0.0, first: int | None = None):
@@ -284,12 +295,15 @@ def write(results: list[dict]) -> None:
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
                           "the tokens `drifted` + amplification chooses while it answers harmful:val (greedy, recorded step "
-                          "by step; a token is penalised when log p_U > log p_SA):",
-                      "", "| tokens | n | log p_SA | log p_U | share penalised | mean penalty γ·max(0, log p_U − log p_SA) |",
-                      "|---|---|---|---|---|---|"]
+                          "by step; a token is penalised when log p_U > log p_SA), and the same tokens' log-probability "
+                          "under `drifted` without the amplification (log p_D):",
+                      "", "| tokens | n | log p_SA | log p_U | share penalised | mean penalty γ·max(0, log p_U − log p_SA) "
+                          "| log p_D | share with log p_D > log p_SA |",
+                      "|---|---|---|---|---|---|---|---|"]
             for g, v in w["tokens"].items():
+                extra = (f" {v['log_p_plain']:.2f} | {pct(v['plain_above'])} |" if "log_p_plain" in v else " | |")
                 lines.append(f"| {g} | {v['n']} | {v['log_p_sa']:.2f} | {v['log_p_u']:.2f} | {pct(v['penalised'])} "
-                             f"| {v['mean_penalty']:.1f} |")
+                             f"| {v['mean_penalty']:.1f} |" + extra)
             lines += ["", "Variants of the rule with amplification, on validation (harmful / harmless refusal; "
                           f"amplification alone {pct(w['amplification_val']['harmful'])} / "
                           f"{pct(w['amplification_val']['harmless'])}, both as in the paper "
