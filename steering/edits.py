@@ -10,7 +10,8 @@ with ``inplace=True``) that gives the same outputs as the hooks.
   weights by orthogonalisation (embeddings, every stream-writing matrix, fused MoE experts, GPT-2
   Conv1D, stream-writing biases); refuses on post-norm families, where no weight edit is exact.
 - :class:`AffineAblation`: the same, but coordinates along the basis are set to harmless prompts'
-  mean (affine concept editing) instead of zero; hooks only.
+  mean (affine concept editing) instead of zero. Bakes exactly as the orthogonalisation plus biases
+  along the basis (no PEFT form).
 - :class:`Addition`: ActAdd / CAA, ``h_l ← h_l + c·r`` at chosen layers, at all positions or only
   from the post-instruction tokens on. Bakes as a bias (all positions only).
 - :class:`ICVInjection`: Safety Arithmetic's in-context safety vector, norm-preserving, at the
