@@ -14,7 +14,8 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
    side in this run (64 prompts, batch 16, 32 new tokens forced, median of 3).
 
 `--own-unsafe` adds guided decoding against an unsafe fine-tune of `drifted` itself;
-`--both-sweep` the full SafeInfer over the whole amplification grid on validation; `--why`
+`--both-sweep` the full SafeInfer over the whole amplification grid on validation; `--gamma-sweep`
+the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10, 99} on validation; `--why`
 adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
@@ -96,6 +97,21 @@ def both_sweep(D, U) -> list[dict]:
                 out.append({"site": site, "layer": layer, "scale": scale, **r})
                 print(f"[both] {site} L{layer} x{scale:g}: harmful {100 * r['harmful']:.1f}% "
                       f"harmless {100 * r['harmless']:.1f}%", flush=True)
+    return out
+
+
+GAMMAS = (0.1, 0.3, 1.0, 3.0, 10.0, 99.0)
+
+
+def gamma_sweep(D, U, best: dict) -> list[dict]:
+    """The full SafeInfer with the chosen amplification over γ, on validation: whether a γ other
+    than the paper's 99 makes guided decoding add to the amplification rather than take from it."""
+    amp = amplifier(D, best)
+    out = []
+    for gamma in GAMMAS:
+        r = rates(D, "val", amplify=amp, unsafe=U, gamma=gamma)
+        out.append({"gamma": gamma, **r})
+        print(f"[gamma] {gamma:g}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%", flush=True)
     return out
 
 
@@ -291,6 +307,13 @@ def write(results: list[dict]) -> None:
                           "harmless refusal):", "", "| site | layer | scale | harmful | harmless |", "|---|---|---|---|---|"]
             lines += [f"| {c['site']} | {c['layer']} | {c['scale']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |"
                       for c in r["both_sweep"]]
+        if r.get("gamma_sweep"):
+            lines += ["", "The full SafeInfer with the chosen amplification over γ, on validation (`--gamma-sweep`; "
+                          f"amplification alone {pct(r['best']['harmful'])} / "
+                          f"{pct(r['best']['harmless'])}, plain {pct(r['plain_val']['harmful'])} / "
+                          f"{pct(r['plain_val']['harmless'])}; harmful / harmless refusal):", "",
+                      "| γ | harmful | harmless |", "|---|---|---|"]
+            lines += [f"| {c['gamma']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |" for c in r["gamma_sweep"]]
         if r.get("why"):
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
@@ -325,6 +348,7 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="remeasure only the decoding speeds (on a quiet machine)")
     ap.add_argument("--own-unsafe", action="store_true", help="only: guided decoding against drifted's own unsafe fine-tune")
     ap.add_argument("--both-sweep", action="store_true", help="only: the full SafeInfer over the amplification grid (validation)")
+    ap.add_argument("--gamma-sweep", action="store_true", help="only: the full SafeInfer over γ (validation)")
     ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -333,6 +357,7 @@ def main() -> None:
         "why": lambda r, D, U: {"why": why_guided(D, U, r["best"])},
         "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
         "both_sweep": lambda r, D, U: {"both_sweep": both_sweep(D, U)},
+        "gamma_sweep": lambda r, D, U: {"gamma_sweep": gamma_sweep(D, U, r["best"])},
         "speed_only": lambda r, D, U: {"tokens_per_s": speeds(D, U, r["best"]), "guided_examples": guided_examples(D, U)},
     }
     chosen = [k for k in partial if getattr(args, k)]
