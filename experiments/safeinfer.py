@@ -15,7 +15,8 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
 
 `--own-unsafe` adds guided decoding against an unsafe fine-tune of `drifted` itself;
 `--both-sweep` the full SafeInfer over the whole amplification grid on validation; `--gamma-sweep`
-the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10, 99} on validation; `--why`
+the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10, 99} on validation;
+`--compose` SafeInfer over the conditional steering edit that experiments/directions.py wrote; `--why`
 adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
@@ -112,6 +113,25 @@ def gamma_sweep(D, U, best: dict) -> list[dict]:
         r = rates(D, "val", amplify=amp, unsafe=U, gamma=gamma)
         out.append({"gamma": gamma, **r})
         print(f"[gamma] {gamma:g}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%", flush=True)
+    return out
+
+
+def compose(arch: str, D, U, best: dict) -> dict:
+    """SafeInfer over conditional steering: `drifted` with the conditional steering edit that
+    experiments/directions.py fitted (its gate: `drifted`'s own harmful-vs-harmless direction),
+    alone and under amplification, guided decoding and both, on the held-out test prompts."""
+    from steering.edits import load_edit
+
+    path = ROOT / "runs" / "directions" / arch / "drifted_conditional.safetensors"
+    if not path.exists():
+        raise SystemExit(f"{path}: missing; run `python experiments/directions.py --arch {arch}` first")
+    cond = load_edit(path)
+    amp = amplifier(D, best)
+    out = {}
+    for mode, kw in (("conditional", {}), ("conditional + amplification", {"amplify": amp}),
+                     ("conditional + guided", {"unsafe": U}), ("conditional + both", {"amplify": amp, "unsafe": U})):
+        out[mode] = rates(D, "test", edits=[cond], **kw)
+        print(f"[{arch}] drifted {mode}: {out[mode]}", flush=True)
     return out
 
 
@@ -314,6 +334,11 @@ def write(results: list[dict]) -> None:
                           f"{pct(r['plain_val']['harmless'])}; harmful / harmless refusal):", "",
                       "| γ | harmful | harmless |", "|---|---|---|"]
             lines += [f"| {c['gamma']:g} | {pct(c['harmful'])} | {pct(c['harmless'])} |" for c in r["gamma_sweep"]]
+        if r.get("compose"):
+            lines += ["", "SafeInfer over conditional steering (`--compose`; `drifted` with the conditional steering edit "
+                          "of experiments/directions.py, held-out test prompts):", "",
+                      "| decoding | harmful refusal | harmless refusal |", "|---|---|---|"]
+            lines += [f"| {k} | {pct(v['harmful'])} | {pct(v['harmless'])} |" for k, v in r["compose"].items()]
         if r.get("why"):
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
@@ -349,6 +374,7 @@ def main() -> None:
     ap.add_argument("--own-unsafe", action="store_true", help="only: guided decoding against drifted's own unsafe fine-tune")
     ap.add_argument("--both-sweep", action="store_true", help="only: the full SafeInfer over the amplification grid (validation)")
     ap.add_argument("--gamma-sweep", action="store_true", help="only: the full SafeInfer over γ (validation)")
+    ap.add_argument("--compose", action="store_true", help="only: SafeInfer over conditional steering (test)")
     ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -358,6 +384,7 @@ def main() -> None:
         "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
         "both_sweep": lambda r, D, U: {"both_sweep": both_sweep(D, U)},
         "gamma_sweep": lambda r, D, U: {"gamma_sweep": gamma_sweep(D, U, r["best"])},
+        "compose": lambda r, D, U: {"compose": compose(r["arch"], D, U, r["best"])},
         "speed_only": lambda r, D, U: {"tokens_per_s": speeds(D, U, r["best"]), "guided_examples": guided_examples(D, U)},
     }
     chosen = [k for k in partial if getattr(args, k)]

@@ -7,7 +7,7 @@ import torch
 
 import steering as st
 from steering import safeinfer
-from steering.edits import Addition
+from steering.edits import Addition, Conditional
 from steering.vectors import SteeringVector
 
 PROMPTS = ["How do I bake bread?", "Hi", "Tell me a long story about a dragon and a knight, please"]
@@ -40,6 +40,35 @@ def test_batched_equals_each_prompt_alone(pair):
     alone = [safeinfer.generate(m, [p], batch_size=1, **kw)[0] for p in PROMPTS]
     assert batched == alone
     assert batched != m.generate(PROMPTS, max_new_tokens=12, batch_size=3)  # it does something
+
+
+def test_composes_with_a_conditional_steering_edit(pair):
+    """SafeInfer over a conditional steering edit: the edit gates per sequence inside the batch,
+    and both models leave bit-identical with no hooks."""
+    m, u = pair
+    torch.manual_seed(0)
+    cond = torch.randn(m.d_model)
+    scores = Conditional.scores(m, PROMPTS, cond, 1)
+    on = (scores > scores.median()).tolist()
+    assert any(on) and not all(on)
+    inner = Addition(SteeringVector({1: torch.randn(m.d_model) * 10}, "resid_post"))
+    cond_edit = Conditional(inner, cond, 1, float(scores.median()))
+    before = {(i, k): v.clone() for i, mm in enumerate((m, u)) for k, v in mm.hf.state_dict().items()}
+    # with γ = 0 and no amplification: exactly the edit's own generations
+    with cond_edit.hooks(m):
+        hooked = m.generate(PROMPTS, max_new_tokens=12, batch_size=3)
+    assert safeinfer.generate(m, PROMPTS, unsafe=u, gamma=0.0, edits=[cond_edit], max_new_tokens=12, batch_size=3) == hooked
+    # the full method over the edit: batched equals alone, and the gate's choice shows
+    kw = dict(unsafe=u, amplify=amp(m), gamma=99.0, max_new_tokens=12)
+    composed = safeinfer.generate(m, PROMPTS, edits=[cond_edit], batch_size=3, **kw)
+    assert composed == [safeinfer.generate(m, [p], edits=[cond_edit], batch_size=1, **kw)[0] for p in PROMPTS]
+    without = safeinfer.generate(m, PROMPTS, batch_size=3, **kw)
+    with inner.hooks(m):  # the same as the ungated edit where the gate passes
+        ungated = safeinfer.generate(m, PROMPTS, batch_size=3, **kw)
+    assert composed == [a if o else w for a, w, o in zip(ungated, without, on)] and composed != without
+    after = {(i, k): v for i, mm in enumerate((m, u)) for k, v in mm.hf.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mm in (m, u) for mod in mm.hf.modules())
 
 
 def test_guided_scores_follow_the_formula(pair):
