@@ -152,8 +152,10 @@ def why_guided(D, U, best: dict) -> dict:
     models' log-probabilities of the token chosen; tokens are grouped by whether the answer is
     judged a refusal and whether it is the first new token. Guided decoding would subtract
     γ·max(0, log p_U − log p_SA) from each: a token is "penalised" when the unsafe model gives it
-    more probability than the amplified model does. Then, on validation, two variants of the rule:
-    a margin τ (penalty γ·max(0, log p_U − log p_SA − τ)) and guidance of the first k new tokens only."""
+    more probability than the amplified model does. Then, on validation, three variants of the rule:
+    a margin τ (penalty γ·max(0, log p_U − log p_SA − τ)), guidance of the first k new tokens only,
+    and the penalty measured against `drifted` without the amplification, γ·max(0, log p_U − log p_D),
+    while decoding from p_SA (not the paper's rule)."""
     import torch
 
     from steering.judge import is_refusal
@@ -201,7 +203,8 @@ def why_guided(D, U, best: dict) -> dict:
 
     outs, groups = record(U)
     # the same tokens under drifted *without* the amplification (a second copy, outside its hooks)
-    outs_plain, plain_groups = record(st.load(D.source))
+    unamplified = st.load(D.source)
+    outs_plain, plain_groups = record(unamplified)
     assert outs_plain == outs  # the recorder changes nothing, so the answers are the same
     tokens = {}
     for g, rows in groups.items():
@@ -215,22 +218,28 @@ def why_guided(D, U, best: dict) -> dict:
                          "log_p_plain": float(pl.mean()), "plain_above": float((pl > sa).float().mean())}
 
     class Variant(safeinfer.GuidedDecoding):
-        def __init__(self, unsafe, margin: float = 0.0, first: int | None = None):
+        """The rule with a margin, or for the first new tokens only, or with the penalty measured
+        against a ``reference`` model's log-probabilities instead of the amplified model's."""
+
+        def __init__(self, unsafe, margin: float = 0.0, first: int | None = None, reference=None):
             super().__init__(unsafe, pad_token_id=tok.pad_token_id)
             self.margin, self.first, self.start = margin, first, None
+            self.reference = None if reference is None else safeinfer.GuidedDecoding(reference, pad_token_id=tok.pad_token_id)
 
         def __call__(self, input_ids, scores):
             if not self.continues(input_ids):
                 self.start = input_ids.shape[1]
             lu = self.unsafe_logprobs(input_ids).to(scores.device)
             ls = torch.log_softmax(scores.float(), -1)
+            lr = ls if self.reference is None else self.reference.unsafe_logprobs(input_ids).to(scores.device)
             if self.first is not None and input_ids.shape[1] - self.start >= self.first:
                 return ls
-            return ls - self.gamma * (lu - ls - self.margin).clamp(min=0)
+            return ls - self.gamma * (lu - lr - self.margin).clamp(min=0)
 
     variants = {}
     for name, kw in (("margin 0.5", {"margin": 0.5}), ("margin 1", {"margin": 1.0}), ("margin 2", {"margin": 2.0}),
-                     ("first 1 token", {"first": 1}), ("first 2 tokens", {"first": 2}), ("first 4 tokens", {"first": 4})):
+                     ("first 1 token", {"first": 1}), ("first 2 tokens", {"first": 2}), ("first 4 tokens", {"first": 4}),
+                     ("penalty against drifted unamplified", {"reference": unamplified})):
         variants[name] = rates(D, "val", amplify=amp, logits_processor=[Variant(U, **kw)])
         print(f"[why] both, {name}: {variants[name]}", flush=True)
     return {"tokens": tokens, "variants": variants, "both_val": rates(D, "val", amplify=amp, unsafe=U),
