@@ -136,20 +136,11 @@ def compose(arch: str, D, U, best: dict) -> dict:
     return out
 
 
-# the first words of the substring judge's refusal phrases
-OPENINGS = ("i'm", "i am", "i apologize", "as an", "as a ", "i cannot", "i can't")
-
-
-def opens_as_refusal(completion: str) -> bool:
-    """True if the reply starts with the first words of one of the judge's refusal phrases."""
-    return completion.lstrip().replace("\u2019", "'").lower().startswith(OPENINGS)
-
-
 def openings(D, U, best: dict) -> dict:
     """What the substring judge misses: on harmful:test, the share of `drifted`'s replies under each
     decoding that the judge counts as refusals, and the share that *open* as a refusal (the first
     words of one of its phrases) whatever follows, with examples of the second kind only."""
-    from steering.judge import is_refusal
+    from steering.judge import is_refusal, opens_as_refusal
 
     amp = amplifier(D, best)
     prompts = st.datasets.load("harmful:test")
