@@ -9,7 +9,11 @@
 - **Safety-guided decoding**: log p̃(t) ∝ log p_SA(t) − γ·max(0, log p_U(t) − log p_SA(t)), γ = 99
   by default, where p_U is a model fine-tuned on unsafe data with the same tokenizer
   (:class:`GuidedDecoding`, a transformers ``LogitsProcessor`` that runs the unsafe model beside
-  generation with its own KV cache; greedy or sampled, batched with left padding).
+  generation with its own KV cache; greedy or sampled, batched with left padding). This is the
+  paper's ``M_inst − 0.99·Union(M_unsafe, M_inst)`` exactly, scale included: the model-arithmetic
+  library it runs on takes Union as the element-wise max of log-probabilities and divides a sum by
+  its coefficients' total (0.01). Its script samples at temperature 1 (``generate_text``'s
+  defaults); on the organisms sampled replies are noise, so the experiments decode greedily.
 
 :func:`generate` puts them together, and composes with any activation edit (e.g. SafeInfer over a
 conditional steering edit)::
