@@ -17,7 +17,8 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
 `--both-sweep` the full SafeInfer over the whole amplification grid on validation; `--gamma-sweep`
 the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10, 99} on validation;
 `--compose` SafeInfer over the conditional steering edit that experiments/directions.py wrote;
-`--openings` how many replies open as a refusal that the substring judge does not count; `--why`
+`--openings` how many replies open as a refusal that the substring judge does not count;
+`--sampled` the same, sampled at temperature 1 as the paper's script decodes; `--why`
 adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
@@ -136,23 +137,30 @@ def compose(arch: str, D, U, best: dict) -> dict:
     return out
 
 
-def openings(D, U, best: dict) -> dict:
+def openings(D, U, best: dict, sample: bool = False) -> dict:
     """What the substring judge misses: on harmful:test, the share of `drifted`'s replies under each
     decoding that the judge counts as refusals, and the share that *open* as a refusal (the first
-    words of one of its phrases) whatever follows, with examples of the second kind only."""
+    words of one of its phrases) whatever follows, with examples (of the second kind; with
+    ``sample``, of any reply). ``sample``: sampled at temperature 1 without top-k / top-p, as the
+    paper's script decodes (seed 0), instead of greedily."""
+    import torch
+
     from steering.judge import is_refusal, opens_as_refusal
 
     amp = amplifier(D, best)
     prompts = st.datasets.load("harmful:test")
+    gen = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
     out = {}
     for mode, kw in (("plain", {}), ("amplification", {"amplify": amp}), ("guided", {"unsafe": U}),
                      ("both", {"amplify": amp, "unsafe": U})):
-        outs = safeinfer.generate(D, prompts, max_new_tokens=N_NEW, batch_size=64, **kw)
+        torch.manual_seed(0)
+        outs = safeinfer.generate(D, prompts, max_new_tokens=N_NEW, batch_size=64, **gen, **kw)
         judged, opened = [is_refusal(o) for o in outs], [opens_as_refusal(o) for o in outs]
         out[mode] = {"judged": sum(judged) / len(outs), "opens": sum(opened) / len(outs),
                      "either": sum(a or b for a, b in zip(judged, opened)) / len(outs),
-                     "examples": [o for o, j, b in zip(outs, judged, opened) if b and not j][:4]}
-        print(f"[openings] {mode}: judged {out[mode]['judged']:.3f} opens {out[mode]['opens']:.3f}", flush=True)
+                     "examples": [o for o, j, b in zip(outs, judged, opened) if sample or (b and not j)][:4]}
+        print(f"[openings{' sampled' if sample else ''}] {mode}: judged {out[mode]['judged']:.3f} "
+              f"opens {out[mode]['opens']:.3f}", flush=True)
     return out
 
 
@@ -378,6 +386,13 @@ def write(results: list[dict]) -> None:
             lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
                       + " · ".join(f"`{e.replace('|', '/')}`" for e in v["examples"][:2]) + " |"
                       for k, v in r["openings"].items()]
+        if r.get("sampled"):
+            lines += ["", "The same, sampled at temperature 1 without top-k / top-p as the paper's script decodes "
+                          "(`--sampled`, seed 0): on the organisms, sampled replies are mostly noise.", "",
+                      "| decoding | judged refusal | opens as a refusal | either | replies |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
+                      + " · ".join(f"`{e.replace('|', '/').replace(chr(96), chr(39))}`" for e in v["examples"][:2]) + " |"
+                      for k, v in r["sampled"].items()]
         if r.get("why"):
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
@@ -415,6 +430,7 @@ def main() -> None:
     ap.add_argument("--gamma-sweep", action="store_true", help="only: the full SafeInfer over γ (validation)")
     ap.add_argument("--compose", action="store_true", help="only: SafeInfer over conditional steering (test)")
     ap.add_argument("--openings", action="store_true", help="only: replies that open as a refusal the judge misses (test)")
+    ap.add_argument("--sampled", action="store_true", help="only: --openings, sampled at temperature 1 as the paper's script")
     ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -426,6 +442,7 @@ def main() -> None:
         "gamma_sweep": lambda r, D, U: {"gamma_sweep": gamma_sweep(D, U, r["best"])},
         "compose": lambda r, D, U: {"compose": compose(r["arch"], D, U, r["best"])},
         "openings": lambda r, D, U: {"openings": openings(D, U, r["best"])},
+        "sampled": lambda r, D, U: {"sampled": openings(D, U, r["best"], sample=True)},
         "speed_only": lambda r, D, U: {"tokens_per_s": speeds(D, U, r["best"]), "guided_examples": guided_examples(D, U)},
     }
     chosen = [k for k in partial if getattr(args, k)]

@@ -13,7 +13,8 @@
   paper's ``M_inst − 0.99·Union(M_unsafe, M_inst)`` exactly, scale included: the model-arithmetic
   library it runs on takes Union as the element-wise max of log-probabilities and divides a sum by
   its coefficients' total (0.01). Its script samples at temperature 1 (``generate_text``'s
-  defaults); on the organisms sampled replies are noise, so the experiments decode greedily.
+  defaults); on the organisms sampled replies are mostly noise (``experiments/safeinfer.py
+  --sampled``), so the experiments decode greedily.
 
 :func:`generate` puts them together, and composes with any activation edit (e.g. SafeInfer over a
 conditional steering edit)::
