@@ -52,6 +52,11 @@ def amplifier(model, best: dict, **kw):
     return safeinfer.amplifier(model, layer=best["layer"], scale=best["scale"], site=best["site"], **kw)
 
 
+def decodings(amp, U) -> dict[str, dict]:
+    """The four decodings of the tables: keyword arguments of `safeinfer.generate` by name."""
+    return {"plain": {}, "amplification": {"amplify": amp}, "guided": {"unsafe": U}, "both": {"amplify": amp, "unsafe": U}}
+
+
 def rates(model, split: str, **kw) -> dict[str, float]:
     out = {}
     for name in ("harmful", "harmless"):
@@ -79,8 +84,7 @@ def run_arch(arch: str) -> dict:
     res["test"] = {}
     for name, m in (("aligned", A), ("drifted", D)):
         amp = amplifier(m, best)
-        for mode, kw in (("plain", {}), ("amplification", {"amplify": amp}), ("guided", {"unsafe": U}),
-                         ("both", {"amplify": amp, "unsafe": U})):
+        for mode, kw in decodings(amp, U).items():
             res["test"][f"{name}/{mode}"] = r = rates(m, "test", **kw)
             print(f"[{arch}] {name} {mode}: harmful {100 * r['harmful']:.1f}% harmless {100 * r['harmless']:.1f}%", flush=True)
     res["tokens_per_s"] = speeds(D, U, best)
@@ -130,8 +134,8 @@ def compose(arch: str, D, U, best: dict) -> dict:
     cond = load_edit(path)
     amp = amplifier(D, best)
     out = {}
-    for mode, kw in (("conditional", {}), ("conditional + amplification", {"amplify": amp}),
-                     ("conditional + guided", {"unsafe": U}), ("conditional + both", {"amplify": amp, "unsafe": U})):
+    for mode, kw in decodings(amp, U).items():
+        mode = "conditional" if mode == "plain" else f"conditional + {mode}"
         out[mode] = rates(D, "test", edits=[cond], **kw)
         print(f"[{arch}] drifted {mode}: {out[mode]}", flush=True)
     return out
@@ -151,8 +155,7 @@ def openings(D, U, best: dict, sample: bool = False) -> dict:
     prompts = st.datasets.load("harmful:test")
     gen = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
     out = {}
-    for mode, kw in (("plain", {}), ("amplification", {"amplify": amp}), ("guided", {"unsafe": U}),
-                     ("both", {"amplify": amp, "unsafe": U})):
+    for mode, kw in decodings(amp, U).items():
         torch.manual_seed(0)
         outs = safeinfer.generate(D, prompts, max_new_tokens=N_NEW, batch_size=64, **gen, **kw)
         judged, opened = [is_refusal(o) for o in outs], [opens_as_refusal(o) for o in outs]
@@ -279,7 +282,7 @@ def speeds(D, U, best: dict) -> dict[str, float]:
     """Tokens per second of the four decodings, interleaved round by round so that load on the
     machine hits them alike; median of 3 rounds."""
     amp = amplifier(D, best)
-    modes = {"plain": {}, "amplification": {"amplify": amp}, "guided": {"unsafe": U}, "both": {"amplify": amp, "unsafe": U}}
+    modes = decodings(amp, U)
     prompts = st.datasets.load("harmless:val", limit=64)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(3):
@@ -321,6 +324,11 @@ def own_unsafe(arch: str, best: dict) -> dict:
 
 
 SITE_NAMES = {"mlp_out": "MLP output of layer {}", "resid_post": "residual stream after layer {}"}
+
+
+def code(text: str) -> str:
+    """A reply as inline code in a table cell."""
+    return "`" + text.replace("|", "/").replace("`", "'") + "`"
 
 
 def write(results: list[dict]) -> None:
@@ -384,14 +392,14 @@ def write(results: list[dict]) -> None:
                       "| decoding | judged refusal | opens as a refusal | either | opens as a refusal, not judged one |",
                       "|---|---|---|---|---|"]
             lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
-                      + " · ".join(f"`{e.replace('|', '/')}`" for e in v["examples"][:2]) + " |"
+                      + " · ".join(map(code, v["examples"][:2])) + " |"
                       for k, v in r["openings"].items()]
         if r.get("sampled"):
             lines += ["", "The same, sampled at temperature 1 without top-k / top-p as the paper's script decodes "
                           "(`--sampled`, seed 0): on the organisms, sampled replies are mostly noise.", "",
                       "| decoding | judged refusal | opens as a refusal | either | replies |", "|---|---|---|---|---|"]
             lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
-                      + " · ".join(f"`{e.replace('|', '/').replace(chr(96), chr(39))}`" for e in v["examples"][:2]) + " |"
+                      + " · ".join(map(code, v["examples"][:2])) + " |"
                       for k, v in r["sampled"].items()]
         if r.get("why"):
             w = r["why"]
@@ -415,7 +423,7 @@ def write(results: list[dict]) -> None:
         if r.get("guided_examples"):
             lines += ["", "`drifted`'s refusals and what guided decoding (γ = 99, unsafe = `harmful`) makes of them:", "",
                       "| plain | guided |", "|---|---|"]
-            lines += [f"| `{a.replace('|', '/')}` | `{b.replace('|', '/')}` |" for a, b in r["guided_examples"]]
+            lines += [f"| {code(a)} | {code(b)} |" for a, b in r["guided_examples"]]
         lines.append("")
     (RESULTS / "safeinfer.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "safeinfer.json").write_text(json.dumps(results, indent=2))
