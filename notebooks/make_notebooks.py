@@ -749,6 +749,7 @@ code, e.g. its amplification of batch element 0 only, are listed in `steering/sa
 """),
     setup("nb03", '''
 from steering import safeinfer
+from steering.judge import opens_as_refusal
 from steering.safeinfer import GuidedDecoding
 
 drifted = st.load(org.path("drifted"))
@@ -801,18 +802,22 @@ print("γ = 0 gives plain decoding:", gamma0_is_plain)
     md(r"""
 ## Plain, amplification, guided, both
 
-48 held-out harmful and 48 harmless prompts, greedy, 12 new tokens, substring judge.
+48 held-out harmful and 48 harmless prompts, greedy, 12 new tokens, substring judge. The last column
+reads only each reply's first words (`steering.judge.opens_as_refusal`: "I'm", "I am", "As an", …):
+whether the reply *starts* as a refusal, whatever follows.
 """),
     code('''
 MODES = {"plain": {}, "amplification": {"amplify": amp}, "guided (γ=99)": {"unsafe": unsafe},
          "both": {"amplify": amp, "unsafe": unsafe}}
-si_rates, samples = {}, {}
+si_rates, si_opens, samples = {}, {}, {}
 for mode, kw in MODES.items():
     outs = [safeinfer.generate(drifted, ps, gamma=99, max_new_tokens=NEW_TOKENS, batch_size=N_TEST, **kw)
             for ps in (harmful_test, harmless_test)]
     si_rates[mode] = tuple(refusal_rate(o) for o in outs)
+    si_opens[mode] = sum(map(opens_as_refusal, outs[0])) / len(outs[0])   # replies that *start* as a refusal
     samples[mode] = outs[0][:3]
-display(table(["drifted organism", "harmful refused", "harmless refused"], [[m, pct(h), pct(n)] for m, (h, n) in si_rates.items()]))
+display(table(["drifted organism", "harmful refused", "harmless refused", "harmful replies opening as a refusal"],
+              [[m, pct(h), pct(n), pct(si_opens[m])] for m, (h, n) in si_rates.items()]))
 ''', "number"),
     code('''
 fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -831,6 +836,9 @@ for mode, outs in samples.items():
     md(r"""
 **Amplification moves refusal; guided decoding lowers it, alone and on top of amplification.** (Full
 test sets, `experiments/results/safeinfer.md`: 14.2% plain, 62.9% amplified, 1.7% guided, 6.7% both.)
+Yet with both, about as many replies *start* as a refusal as with amplification alone (full test set:
+62.9% against 63.7%): guided decoding keeps the decision to refuse and garbles its wording, so the
+substring judge no longer finds a phrase.
 The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
 refusal. Two things follow on the organisms, both measured below:
 
@@ -882,6 +890,7 @@ for prefix in ("I'm", "As an AI, I am", "I cannot"):
 ''', "number"),
     code('''
 summary = {**{f"{m} / harmful": r[0] for m, r in si_rates.items()}, **{f"{m} / harmless": r[1] for m, r in si_rates.items()},
+           **{f"{m} / harmful opens as refusal": v for m, v in si_opens.items()},
            "processor == generate": same_as_processor, "gamma0 == plain": gamma0_is_plain,
            **{f"penalised after {p!r}": v for p, v in penalised.items()}}
 print(json.dumps(summary, indent=1, ensure_ascii=False))
