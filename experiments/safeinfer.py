@@ -331,6 +331,14 @@ def code(text: str) -> str:
     return "`" + text.replace("|", "/").replace("`", "'") + "`"
 
 
+def judged_and_opened(rows: dict[str, dict], examples: str) -> list[str]:
+    """The table of :func:`openings`' results: per decoding, judged / opening / either, and two
+    example replies under the ``examples`` header."""
+    return ["| decoding | judged refusal | opens as a refusal | either | " + examples + " |", "|---|---|---|---|---|",
+            *(f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
+              + " · ".join(map(code, v["examples"][:2])) + " |" for k, v in rows.items())]
+
+
 def write(results: list[dict]) -> None:
     lines = ["# SafeInfer on the organisms", "",
              "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
@@ -389,18 +397,11 @@ def write(results: list[dict]) -> None:
             lines += ["", "What the substring judge misses (`--openings`; `drifted` on harmful:test): replies judged "
                           "refusals, replies that open with the first words of a refusal phrase (\"I'm\", \"I am\", "
                           "\"As an\", \"I cannot\", ...) whatever follows, and either:", "",
-                      "| decoding | judged refusal | opens as a refusal | either | opens as a refusal, not judged one |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
-                      + " · ".join(map(code, v["examples"][:2])) + " |"
-                      for k, v in r["openings"].items()]
+                      *judged_and_opened(r["openings"], "opens as a refusal, not judged one")]
         if r.get("sampled"):
             lines += ["", "The same, sampled at temperature 1 without top-k / top-p as the paper's script decodes "
                           "(`--sampled`, seed 0): on the organisms, sampled replies are mostly noise.", "",
-                      "| decoding | judged refusal | opens as a refusal | either | replies |", "|---|---|---|---|---|"]
-            lines += [f"| {k} | {pct(v['judged'])} | {pct(v['opens'])} | {pct(v['either'])} | "
-                      + " · ".join(map(code, v["examples"][:2])) + " |"
-                      for k, v in r["sampled"].items()]
+                      *judged_and_opened(r["sampled"], "replies")]
         if r.get("why"):
             w = r["why"]
             lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
