@@ -140,6 +140,19 @@ def _bridge_hooks(bridge: Any, edit: tuple[str, Tensor] | None) -> list[tuple[st
     return hooks
 
 
+_CACHE_WORKS: dict[int, bool] = {}
+
+
+def bridge_cache_works(bridge: Any) -> bool:
+    """Whether the bridge's KV cache gives its own tokens (checked once per bridge, with no hooks)."""
+    from steering.kvcache import kv_cache_works
+
+    key = id(bridge)
+    if key not in _CACHE_WORKS:
+        _CACHE_WORKS[key] = kv_cache_works(bridge.original_model)
+    return _CACHE_WORKS[key]
+
+
 @torch.no_grad()
 def bridge_generate(bridge: Any, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
                     edit: Any = None) -> Tensor:
@@ -150,7 +163,11 @@ def bridge_generate(bridge: Any, input_ids: Tensor, attention_mask: Tensor, max_
     bridge's hook points ``blocks.{l}.hook_resid_pre`` (the block's input), ``blocks.{l}.hook_attn_out``
     (the attention block's output, before the residual add) and ``blocks.{l}.hook_mlp_out``.
 
-    KV cache: ON. ``generate`` runs the prompt once, keeps HF's own cache (``_capture_hf_cache``)
+    KV cache: ON where it works (:func:`bridge_cache_works`), else OFF. TransformerLens 4.3's
+    attention reads the cache as ``past_key_values`` while transformers 5.24 passes it as ``cache``,
+    so with those versions the cached loop decodes garbage and the bridge decodes without the cache
+    (each step a forward over the whole sequence; the benchmarks say which ran). With the cache,
+    ``generate`` runs the prompt once, keeps HF's own cache (``_capture_hf_cache``)
     and feeds one token per step; verified by recording the sequence length the hooks see
     (``[batch, prompt_len, d]`` once, then ``[batch, 1, d]`` per step) and the embedding's input
     shapes (tests/test_bench_rivals.py). Left padding: correct when the mask is passed as
@@ -161,8 +178,8 @@ def bridge_generate(bridge: Any, input_ids: Tensor, attention_mask: Tensor, max_
     edit = _check_edit(edit, bridge.cfg.n_layers, bridge.cfg.d_model)
     with bridge.hooks(fwd_hooks=_bridge_hooks(bridge, edit)):
         out = bridge.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                              do_sample=False, stop_at_eos=False, use_past_kv_cache=True, verbose=False,
-                              return_type="tokens")
+                              do_sample=False, stop_at_eos=False, use_past_kv_cache=bridge_cache_works(bridge),
+                              verbose=False, return_type="tokens")
     return out[:, input_ids.shape[1]:]
 
 

@@ -123,7 +123,9 @@ def main() -> None:
             "model": f"Llama-shaped, {n_params / 1e6:.0f}M parameters, float32, random weights",
             "decoding": f"greedy, KV cache on, prompt {PROMPT_LEN} tokens, {n_new} new tokens", "repeats": args.repeats}
     (RESULTS / "bench_decode.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    names = {"steering": "steering hooks", "bridge": "TransformerLens TransformerBridge", "nnsight": "nnsight"}
+    bridge_note = "" if bridge is None or rivals.bridge_cache_works(bridge) else \
+        " (KV cache off: its cache gives wrong tokens with the installed transformers)"
+    names = {"steering": "steering hooks", "bridge": "TransformerLens TransformerBridge" + bridge_note, "nnsight": "nnsight"}
     lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Model: {meta['model']}  ",
              f"Decoding: {meta['decoding']}; median of {args.repeats} interleaved runs; ratios to plain HF `generate` "
              "in the same run (target for steering's edits: ≤ 1.03×)", "",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .arch import ModelMap
+from .kvcache import cache_in
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -98,7 +99,7 @@ def _root_pre_hook(state: ForwardState) -> Callable:
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         state.batch, state.seq_len = (int(ref.shape[0]), int(ref.shape[1])) if ref is not None else (0, 0)
-        state.past_len = _cache_len(kwargs.get("past_key_values"))
+        state.past_len = _cache_len(cache_in(kwargs))
         state.attention_mask = kwargs.get("attention_mask")
     return hook
 

@@ -65,6 +65,17 @@ class Model:
     def name(self) -> str:
         return self.source or str(getattr(self.hf.config, "_name_or_path", "")) or type(self.hf).__name__
 
+    @cached_property
+    def kv_cache_ok(self) -> bool:
+        """Whether decoding under the KV cache gives the model's own tokens. Plain Hugging Face
+        models are trusted; a TransformerLens bridge is checked once (:func:`steering.kvcache.kv_cache_works`),
+        since a bridge that reads the cache under an older argument name decodes garbage."""
+        if self.bridge is None:
+            return True
+        from .kvcache import kv_cache_works
+
+        return kv_cache_works(self.hf)
+
     def hooks(self, hooks: Any):
         """Context manager running this model with ``hooks`` attached (see :func:`steering.hooks.attach`)."""
         from .hooks import attach
@@ -149,12 +160,21 @@ class Model:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
                  chat: bool | None = None, progress: bool = False, **gen_kwargs: Any) -> list[str]:
-        """Greedy (unless told otherwise) completions of ``prompts``, decoded without the prompt."""
+        """Greedy (unless told otherwise) completions of ``prompts``, decoded without the prompt.
+
+        Decodes under the KV cache where it gives the model's own tokens (:attr:`kv_cache_ok`), and
+        without it where it does not (a TransformerLens bridge whose attention ignores the cache
+        argument the installed transformers passes); asking for the cache there is an error."""
         from tqdm.auto import tqdm
 
         texts = self.format(prompts, chat=chat)
         tok = self._tok()
         gen_kwargs.setdefault("do_sample", False)
+        if not self.kv_cache_ok:
+            if gen_kwargs.get("use_cache"):
+                raise ValueError(f"{self.name}: use_cache=True refused: this bridge's KV cache gives wrong tokens "
+                                 "with the installed transformers / transformer-lens; leave use_cache unset")
+            gen_kwargs["use_cache"] = False
         out: list[str] = []
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
             batch = self.encode(texts[start:start + batch_size], padding_side="left", room=max_new_tokens)
@@ -193,12 +213,17 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
         raise ValueError("load: use_safetensors=False is refused; steering loads weights only from safetensors")
     if isinstance(model, Model):
         if arch is not None or tokenizer is not None:
-            return Model(model.hf, tokenizer or model.tokenizer, arch or model.arch, model.source, model.bridge)
+            again = Model(model.hf, tokenizer or model.tokenizer, arch or model.arch, model.source, model.bridge)
+            if "kv_cache_ok" in model.__dict__:
+                again.kv_cache_ok = model.kv_cache_ok
+            return again
         return model
     if _is_bridge(model):
         hf = model.original_model
-        return Model(hf, tokenizer or getattr(model, "tokenizer", None), arch,
-                     str(getattr(hf.config, "_name_or_path", "")), bridge=model)
+        wrapped = Model(hf, tokenizer or getattr(model, "tokenizer", None), arch,
+                        str(getattr(hf.config, "_name_or_path", "")), bridge=model)
+        wrapped.kv_cache_ok  # checked now, before any edit is attached to the model
+        return wrapped
     if isinstance(model, nn.Module):
         if not hasattr(model, "config"):
             raise TypeError(f"load: {type(model).__name__} is not a Hugging Face model (no .config)")

@@ -35,6 +35,7 @@ from transformers import LogitsProcessor
 
 from .edits import Addition, Compose, Edit
 from .hooks import SITES
+from .kvcache import cache_kwarg, cache_out
 from .model import Model, as_model
 from .vectors import SteeringVector, prompts_hash
 
@@ -82,18 +83,19 @@ class GuidedDecoding(LogitsProcessor):
     def unsafe_logprobs(self, input_ids: Tensor) -> Tensor:
         hf = self.unsafe.hf
         dev = self.unsafe.device
-        if self.continues(input_ids):
+        cached = self.unsafe.kv_cache_ok
+        if cached and self.continues(input_ids):
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
             pos = self._mask.sum(1, keepdim=True) - 1
             out = hf(input_ids=input_ids[:, -1:].to(dev), attention_mask=self._mask, position_ids=pos,
-                     past_key_values=self._past, use_cache=True)
-        else:  # a new prompt: leading pad tokens (left padding) are masked out
+                     use_cache=True, **{cache_kwarg(hf): self._past})
+        else:  # a new prompt (or a model whose cache is broken): leading pad tokens are masked out
             ids = input_ids.to(dev)
             real = ids != self.pad if self.pad is not None else torch.ones_like(ids, dtype=torch.bool)
             self._mask = (real.long().cumsum(1) > 0).long()
             pos = (self._mask.cumsum(1) - 1).clamp(min=0)
-            out = hf(input_ids=ids, attention_mask=self._mask, position_ids=pos, use_cache=True)
-        self._past = out.past_key_values
+            out = hf(input_ids=ids, attention_mask=self._mask, position_ids=pos, use_cache=cached)
+        self._past = cache_out(out)
         self._ids = input_ids.detach().clone()
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
