@@ -25,7 +25,7 @@ from torch import nn
 
 from .io import atomic_folder
 from .model import Model
-from .weights import Checkpoint, check_output, model_card, provenance_json, write_checkpoint
+from .weights import Checkpoint, check_output, model_card, provenance_json, strip_remote_code, write_checkpoint
 
 __all__ = ["write_hf", "read_provenance", "declare_new_biases", "check_output", "write_checkpoint"]
 
@@ -85,8 +85,9 @@ def _tied_to(state: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, st
 
 
 def write_hf(model: Model, out: str | os.PathLike, provenance: Mapping[str, Any], *, overwrite: bool = False,
-             sources: Iterable[str | os.PathLike] = (), progress: bool = False) -> Path:
-    """Save ``model`` (and its tokenizer) as a Hugging Face folder at ``out``.
+             sources: Iterable[str | os.PathLike] = (), progress: bool = False, keep_remote_code: bool = False) -> Path:
+    """Save ``model`` (and its tokenizer) as a Hugging Face folder at ``out`` (without the source's
+    remote code, ``*.py`` and ``auto_map``, unless ``keep_remote_code``).
 
     When the model was loaded from a local safetensors folder whose tensor names it still has,
     this goes through the toolkit's one writer (:func:`steering.weights.write_checkpoint`): the
@@ -108,8 +109,9 @@ def write_hf(model: Model, out: str | os.PathLike, provenance: Mapping[str, Any]
             model.hf.config.save_pretrained(tmp)
 
         return write_checkpoint(ck, out, lambda n, _: state[n].detach(), prov, overwrite=overwrite,
-                                sources=sources, extra=extra, side_files=side_files, progress=progress)
-    return _save_pretrained(model, out, prov, overwrite, sources)
+                                sources=sources, extra=extra, side_files=side_files, progress=progress,
+                                keep_remote_code=keep_remote_code)
+    return _save_pretrained(model, out, prov, overwrite, sources, keep_remote_code)
 
 
 def _source_checkpoint(model: Model) -> Checkpoint | None:
@@ -122,7 +124,7 @@ def _source_checkpoint(model: Model) -> Checkpoint | None:
 
 
 def _save_pretrained(model: Model, out: str | os.PathLike, prov: Mapping[str, Any], overwrite: bool,
-                     sources: Iterable[str | os.PathLike]) -> Path:
+                     sources: Iterable[str | os.PathLike], keep_remote_code: bool = False) -> Path:
     from safetensors.torch import load_file, save_file
 
     out = check_output(Path(out), sources, overwrite)
@@ -135,6 +137,8 @@ def _save_pretrained(model: Model, out: str | os.PathLike, prov: Mapping[str, An
             tensors = load_file(str(shard))
             save_file(tensors, str(shard), metadata={"format": "pt", "steering": blob})
         model_card(tmp, blob, model.name)
+        if not keep_remote_code:
+            strip_remote_code(tmp)
     return out
 
 
@@ -175,7 +179,7 @@ def _in_pieces(t: torch.Tensor, dim: int, fn: Any) -> torch.Tensor:
 
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                          provenance: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
-                         progress: bool = False) -> Path:
+                         progress: bool = False, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Orthogonalise the checkpoint folder ``source`` against ``edit`` (an :class:`~steering.edits.Ablation`)
     one tensor at a time, without loading the model: what ``edit.bake(model)`` followed by
     :func:`write_hf` gives, at the memory of one tensor.
@@ -246,5 +250,6 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
 
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),
             "base_sha256": ck.fingerprint(), **dict(edit.meta), **(provenance or {})}
-    return write_checkpoint(ck, out, tensor, prov, overwrite=overwrite, extra=extra,
-                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress)
+    return write_checkpoint(ck, out, tensor, prov, overwrite=overwrite, extra=extra, sources=sources,
+                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress,
+                            keep_remote_code=trust_remote_code)

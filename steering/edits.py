@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,11 +37,21 @@ from torch import Tensor, nn
 from .arch import ArchitectureError
 from .hooks import HookContext, attach
 from .model import Model, as_model
-from .io import atomic_write, read_safetensors
+from .io import atomic_write, check_finite, read_safetensors
 from .vectors import SteeringVector
 
 FORMAT = "steering.edit"
 HookList = list[tuple[tuple[str, int], Callable]]
+
+
+def _finite(t: Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} holds NaN or infinite values")
+
+
+def _finite_number(x: float, what: str) -> None:
+    if not math.isfinite(float(x)):
+        raise ValueError(f"{what} is {x}, not a finite number")
 
 
 class _Cast:
@@ -144,6 +155,7 @@ class Ablation(Edit):
     kind = "ablation"
 
     def __post_init__(self) -> None:
+        _finite(self.basis, "Ablation: the basis")
         object.__setattr__(self, "basis", orthonormal(self.basis))
 
     @property
@@ -240,6 +252,8 @@ class AffineAblation(Edit):
     kind = "affine_ablation"
 
     def __post_init__(self) -> None:
+        _finite(self.basis, "AffineAblation: the basis")
+        _finite(self.offsets, "AffineAblation: the offsets")
         q = orthonormal(self.basis)
         if q.shape[0] != (1 if self.basis.dim() == 1 else self.basis.shape[0]):
             raise ValueError("AffineAblation: the basis vectors are linearly dependent; offsets would be ambiguous")
@@ -411,6 +425,9 @@ class Addition(Edit):
     def __post_init__(self) -> None:
         if self.positions not in ADDITION_POSITIONS:
             raise ValueError(f"Addition: positions={self.positions!r}; use one of {ADDITION_POSITIONS}")
+        _finite_number(self.scale, "Addition: scale")
+        for layer, v in self.vector.directions.items():
+            _finite(v, f"Addition: the vector of layer {layer}")
 
     def _hooks(self, model: Model) -> HookList:
         if self.vector.d_model != model.d_model:
@@ -440,6 +457,10 @@ class Addition(Edit):
         if self.positions != "all":
             raise ValueError(f"Addition.bake: only positions='all' is a bias; {self.positions!r} needs hooks")
         sm = as_model(model)
+        if self.vector.d_model != sm.d_model:
+            raise ValueError(f"vector has d={self.vector.d_model}, the model has d_model={sm.d_model}")
+        for layer in self.vector.directions:
+            sm.map.check_layer(layer)
         if sm.map.spec.post_norm:
             raise ArchitectureError(f"{sm.map.spec.name}: the MLP's write is normalised, so a bias cannot add a fixed vector")
         sm = sm if inplace else _copy_model(sm)
@@ -489,7 +510,14 @@ class ICVInjection(Edit):
     site: str | None = None
     kind = "icv"
 
+    def __post_init__(self) -> None:
+        _finite_number(self.beta, "ICVInjection: beta")
+        for layer, v in self.icv.directions.items():
+            _finite(v, f"ICVInjection: the vector of layer {layer}")
+
     def _hooks(self, model: Model) -> HookList:
+        if self.icv.d_model != model.d_model:
+            raise ValueError(f"vector has d={self.icv.d_model}, the model has d_model={model.d_model}")
         out: HookList = []
         for layer, v in self.icv.directions.items():
             unit = _Cast(v / v.norm().clamp(min=1e-12))
@@ -530,6 +558,8 @@ class Conditional(Edit):
     kind = "conditional"
 
     def __post_init__(self) -> None:
+        _finite(self.condition, "Conditional: the condition vector")
+        _finite_number(self.threshold, "Conditional: threshold")
         object.__setattr__(self, "condition", self.condition.detach().float().reshape(-1) / self.condition.norm())
 
     def _hooks(self, model: Model) -> HookList:
@@ -631,4 +661,16 @@ def _from_parts(kind: str, params: dict[str, Any], tensors: dict[str, Tensor]) -
 def load_edit(path: str | os.PathLike) -> Edit:
     """Read an edit written by ``edit.save(path)``."""
     meta, tensors = read_safetensors(path, FORMAT, "edit")
-    return _from_parts(meta["kind"], json.loads(meta["params"]), tensors)
+    check_finite(tensors, str(path))
+    try:
+        params = json.loads(meta["params"])
+        edit = _from_parts(meta["kind"], params, tensors)
+    except KeyError as e:
+        raise ValueError(f"{path}: the edit file lacks {e.args[0]!r} (metadata or tensor); not an edit steering wrote") from None
+    except (TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the edit file's metadata is malformed ({e})") from None
+    for name in ("scale", "beta", "threshold"):
+        value = params.get(name) if isinstance(params, dict) else None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{path}: the edit's {name} is {value}, not a finite number")
+    return edit

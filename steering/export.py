@@ -6,7 +6,12 @@ seen as ``[d_model, fan_in]``, ``ΔW = −Qᵀ (Q W)``, of rank ``k``. :func:`to
 PEFT LoRA adapter of rank ``r = k`` with ``lora_alpha = r`` (scaling ``lora_alpha / r = 1``,
 ``use_rslora=False``), ``lora_B = −Qᵀ`` and ``lora_A = Q W``, which, loaded onto the *original*
 model with ``peft.PeftModel.from_pretrained(model, folder)``, gives the outputs of
-``edit.bake(model)`` (up to float error).
+``edit.bake(model)`` (up to float error). ``adapter_config.json`` declares ``task_type="CAUSAL_LM"``
+and, as ``base_model_name_or_path``, the model as it was given: the ``source`` of the
+:class:`~steering.model.Model`, i.e. the hub name or folder passed to ``steering.load`` as written,
+not made absolute (an ``organism:KIND`` is recorded as the organism's cached folder);
+``base_model=`` overrides it. So ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` loads
+base model and adapter in one call wherever that name resolves.
 
 PEFT conventions used (peft 0.21, ``peft/tuners/lora/layer.py``):
 
@@ -186,12 +191,16 @@ def _target_regex(hf: nn.Module, names: list[str], layers_name: str, n_layers: i
     return pattern
 
 
-def _base_name(sm: Model) -> str | None:
-    """Where the base model came from (a path or hub name), if known."""
+def _base_name(sm: Model, base_model: str | os.PathLike | None = None) -> str | None:
+    """The base model as the user named it: ``base_model`` if given, else the hub name or folder the
+    model was loaded from (``Model.source``, then the config's ``_name_or_path``), unchanged: a relative
+    folder stays relative; if unknown, None."""
+    if base_model is not None:
+        return os.fspath(base_model)
     return sm.source or str(getattr(sm.hf.config, "_name_or_path", "") or "") or None
 
 
-def lora_config(edit: Ablation, model: Any) -> tuple[Any, list[_Piece]]:
+def lora_config(edit: Ablation, model: Any, *, base_model: str | os.PathLike | None = None) -> tuple[Any, list[_Piece]]:
     """The ``peft.LoraConfig`` and the adapter tensors :func:`to_peft` writes (nothing is written)."""
     from peft import LoraConfig
 
@@ -214,7 +223,7 @@ def lora_config(edit: Ablation, model: Any) -> tuple[Any, list[_Piece]]:
         modules_to_save=[p.module for p in pieces if p.kind == "full"] or None,
         fan_in_fan_out=conv == {"conv1d"},
         bias="lora_only" if any(k.endswith(".base_layer.bias") for p in pieces for k in p.tensors) else "none",
-        base_model_name_or_path=_base_name(sm), inference_mode=True,
+        base_model_name_or_path=_base_name(sm, base_model), inference_mode=True, task_type="CAUSAL_LM",
     )
     return config, pieces
 
@@ -237,16 +246,24 @@ def _readme(prov: dict[str, Any], config: Any) -> str:
         + "---\n# Directional ablation as a LoRA adapter\n\n"
         f"Rank-{prov['rank']} weight orthogonalisation of {base}, exported by "
         "`steering.export.to_peft`. Loaded onto the original model it gives the outputs of the baked edit:\n\n"
-        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```\n\n"
+        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n"
+        + ("# or, base model and adapter in one call (the base model is loaded from `base_model_name_or_path`):\n"
+           "from peft import AutoPeftModelForCausalLM\n"
+           "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n" if prov.get("base_model") else "")
+        + "```\n\n"
         + ("\n".join(notes) + "\n\n" if notes else "")
         + f"## Provenance\n\n```json\n{json.dumps(prov, indent=2, sort_keys=True)}\n```\n"
     )
 
 
-def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bool = False,
+            base_model: str | os.PathLike | None = None) -> Path:
     """Write ``edit`` as a PEFT LoRA adapter folder at ``out`` (rank = the ablation's rank); returns its path.
 
-    ``PeftModel.from_pretrained(original_hf_model, out)`` then gives ``edit.bake(model)``'s outputs.
+    ``PeftModel.from_pretrained(original_hf_model, out)`` then gives ``edit.bake(model)``'s outputs, and so
+    does ``AutoPeftModelForCausalLM.from_pretrained(out)`` where the recorded base model resolves: that is
+    ``base_model`` if given (e.g. the hub name of a model loaded from a local copy), else the hub name or
+    folder ``model`` was loaded from, as given.
     An existing ``out`` is refused unless ``overwrite=True``; the folder is written beside ``out``
     and renamed into place, so a failure leaves nothing behind.
     """
@@ -259,7 +276,7 @@ def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bo
     sm = as_model(model)
     sources = [sm.source] if sm.source and Path(sm.source).exists() else []
     out = check_output(Path(out), sources, overwrite)
-    config, pieces = lora_config(edit, sm)
+    config, pieces = lora_config(edit, sm, base_model=base_model)
     tensors = {PEFT_PREFIX + k: v for p in pieces for k, v in p.tensors.items()}
     try:
         head, emb = sm.hf.get_output_embeddings(), sm.hf.get_input_embeddings()
@@ -267,7 +284,7 @@ def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bo
         head = emb = None
     prov = {
         "format": "steering.peft_adapter", "kind": edit.kind, "rank": edit.rank, "meta": dict(edit.meta),
-        "sites": list(edit.sites), "base_model": _base_name(sm), "architecture": sm.map.spec.name,
+        "sites": list(edit.sites), "base_model": config.base_model_name_or_path, "architecture": sm.map.spec.name,
         "steering_version": steering.__version__,
         "tied_embeddings": bool(head is not None and emb is not None and head.weight is emb.weight),
         "lora_modules": sum(p.kind != "full" for p in pieces),

@@ -1,24 +1,92 @@
-"""Writing files and folders so that nothing is lost: a temporary sibling, then a rename."""
+"""Writing files and folders so that nothing is lost, and outputs that never touch an input.
+
+Every output is written to a temporary sibling (``.NAME.tmp-PID-XXXX``), fsynced, and renamed into
+place, so an output exists only once it is complete. Replacing an existing output is a swap: the
+old one is renamed aside first, the new one renamed in, and only then the old one deleted, so a
+kill at any instant leaves either the old output whole or the new one whole (and, at worst, an
+aside copy beside it). Temporaries of runs that were killed are removed by the next run that
+writes into the same place (their process id is in their name, and only those of dead processes
+are touched).
+
+:func:`check_paths` refuses, before any work, an output that is, contains, or lies inside any of
+the command's inputs, every symlink resolved (also the links inside an input folder, as in the
+Hugging Face cache, where a snapshot folder is made of links into ``../../blobs``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries and aside copies that killed runs left beside ``path``; returns them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-")
+    gone = []
+    for sib in path.parent.iterdir():
+        m = pat.match(sib.name)
+        if m and not _alive(int(m.group(2))):
+            if sib.is_dir() and not sib.is_symlink():
+                shutil.rmtree(sib, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    sib.unlink()
+            gone.append(sib)
+    return gone
+
+
+def _prefix(path: Path, kind: str = "tmp") -> str:
+    return f".{path.name}.{kind}-{os.getpid()}-"
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_file(os.path.join(dirpath, f))
+        _fsync_file(dirpath)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_file(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -27,19 +95,69 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; when the block succeeds it replaces ``out``
-    (an existing ``out`` is removed only then), and when it fails it is removed."""
+    """Yield a temporary folder beside ``out``; when the block succeeds it replaces ``out`` by a
+    swap (see the module docstring), and when it fails it is removed and the first error raised."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_prefix(out)))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
+        _fsync_tree(tmp)
+        aside = None
+        if out.exists() or out.is_symlink():
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=_prefix(out, "old")))
+            aside.rmdir()
+            os.replace(out, aside)
         os.replace(tmp, out)
+        _fsync_file(out.parent)
+        if aside is not None:
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside)
+            else:
+                aside.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def _input_paths(inp: Path) -> set[Path]:
+    """An input and every real file it stands for (the targets of the links inside a folder too)."""
+    real = {_resolved(inp)}
+    if inp.is_dir():
+        for dirpath, dirs, files in os.walk(inp):
+            for name in files + dirs:
+                p = Path(dirpath) / name
+                if p.is_symlink():
+                    real.add(_resolved(p))
+    return real
+
+
+def check_paths(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
+    """One clear error if an output is, contains, or lies inside an input (symlinks resolved).
+
+    Inputs that do not exist on disk (hub names, bundled prompt-set names) are skipped."""
+    ins: list[tuple[str, Path]] = []
+    for i in inputs:
+        if i is None or not str(i) or not Path(i).expanduser().exists():
+            continue
+        ins += [(str(i), p) for p in _input_paths(Path(i).expanduser())]
+    for o in outputs:
+        if o is None:
+            continue
+        out = _resolved(o)
+        for name, src in ins:
+            if out == src:
+                raise ValueError(f"{o}: the output is the input {name}; write somewhere else")
+            if src in out.parents:
+                raise ValueError(f"{o}: the output lies inside the input {name}; write somewhere else")
+            if out in src.parents:
+                raise ValueError(f"{o}: the output would hold the input {name} (replacing it deletes the input); "
+                                 "write somewhere else")
 
 
 def read_safetensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -59,3 +177,12 @@ def read_safetensors(path: str | os.PathLike, fmt: str, what: str) -> tuple[dict
     if meta.get("format") != fmt:
         raise ValueError(f"{path}: not a steering {what} file (metadata format={meta.get('format')!r})")
     return meta, tensors
+
+
+def check_finite(tensors: dict[str, Any], where: str) -> None:
+    """One clear error naming ``where`` and the tensor when a value is NaN or infinite."""
+    import torch
+
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")

@@ -102,7 +102,13 @@ def record(model: Any, prompts: Iterable[str], *, sites: str | Sequence[str] = "
             raise ValueError(f"record: unknown site {s!r}; sites are {SITES}")
     if keep not in ("mean", "raw"):
         raise ValueError(f"record: keep={keep!r}; use 'mean' or 'raw'")
-    layer_list = list(range(sm.n_layers)) if layers is None else [l % sm.n_layers for l in layers]
+    layer_list = list(range(sm.n_layers)) if layers is None else [int(l) + sm.n_layers if int(l) < 0 else int(l) for l in layers]
+    for given, layer in zip(layers or [], layer_list):
+        if not 0 <= layer < sm.n_layers:
+            raise IndexError(f"record: layer {given} is out of range: the model has {sm.n_layers} layers "
+                             f"(0..{sm.n_layers - 1}, or -1..-{sm.n_layers} from the end)")
+    if batch_size < 1:
+        raise ValueError(f"record: batch_size must be at least 1, not {batch_size}")
     k = parse_positions(positions, sm)
     n_pos = 1 if k is None else k
     rec = Recording(layer_list, positions, n_pos)

@@ -90,6 +90,9 @@ class TaskVector:
             if n not in b:
                 raise ValueError(f"{n}: in fine-tune {f.path} but not in base {b.path}")
         names = select_names(b, include, exclude)
+        for n in b.names:  # a dtype mismatch is named even where the tensor would not take part
+            if b.dtype(n) != f.dtype(n):
+                raise ValueError(f"{n}: dtype {b.dtype(n)} in base {b.path} but {f.dtype(n)} in fine-tune {f.path}")
         for n in names:
             if b.shape(n) != f.shape(n):
                 raise ValueError(f"{n}: shape {b.shape(n)} in base {b.path} but {f.shape(n)} in fine-tune {f.path}")
@@ -177,10 +180,15 @@ class TaskVector:
             w = ShardWriter(tmp, [(n, dtype, self.shapes[n]) for n in self.names], meta)
             try:
                 for n in self.names:
-                    w.write(n, self.get(n).to(dtype))
+                    t = self.get(n)
+                    if not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"{n}: the task vector holds NaN or infinite values")
+                    w.write(n, t.to(dtype))
                     release_memory()
-            finally:
-                w.close()
+            except BaseException:
+                w.abort()  # report the first error, not "tensors were not written"
+                raise
+            w.close()
         atomic_write(path, write)
         return path
 
@@ -235,7 +243,12 @@ class _File(TaskVector):
         import json
 
         self.ck = ck
-        prov = json.loads(ck.metadata.get("steering", "{}"))
+        try:
+            prov = json.loads(ck.metadata.get("steering", "{}"))
+        except ValueError:
+            prov = None
+        if not isinstance(prov, dict):
+            raise ValueError(f"{ck.path}: its 'steering' metadata is not a JSON object; not a task vector steering wrote")
         self._setup(ck.names, {n: ck.shape(n) for n in ck.names}, {**prov, "file": str(ck.path)})
 
     def _get(self, name: str) -> torch.Tensor:
@@ -449,6 +462,8 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
             raise ValueError(f"{n}: shape {vector.shapes[n]} in the task vector but {tgt.shape(n)} in the target {tgt.path}")
         if not tgt.is_floating(n):
             raise ValueError(f"{n}: is {tgt.dtype(n)} in the target {tgt.path}, not floating")
+    if not math.isfinite(scale):
+        raise ValueError(f"apply: scale must be a finite number, not {scale}")
     v = vector if scale == 1.0 else scale * vector
 
     def edit(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -464,6 +479,10 @@ def hdr(target: str | os.PathLike | Checkpoint, harm: TaskVector, out: str | os.
     """Harm Direction Removal (Safety Arithmetic): θ_safe = θ_target − scale·topk(τ_H), with the
     exact global top ``top_k`` fraction of τ_H (``None`` or 1: untrimmed; ``scope="tensor"``: the
     top fraction of each tensor instead, which the paper does not do)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"hdr: scale must be a finite number, not {scale}")
+    if top_k is not None and not 0.0 < top_k <= 1.0:
+        raise ValueError(f"hdr: top_k must be a fraction in (0, 1], not {top_k}")
     trimmed = harm if top_k is None or top_k >= 1.0 else harm.top_k(top_k, scope)
     return apply(target, trimmed, out, scale=-scale, overwrite=overwrite, progress=progress,
                  provenance={"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k,

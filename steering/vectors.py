@@ -112,7 +112,9 @@ class SteeringVector:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"layer.{l}": v.contiguous() for l, v in self.directions.items()}
+        # A copy of each: layers may hold one tensor (``{1: v, 2: v}``) or views of one storage, which
+        # safetensors refuses to write ("tensors share memory"); the copies load back equal, one per layer.
+        tensors = {f"layer.{l}": v.clone(memory_format=torch.contiguous_format) for l, v in self.directions.items()}
         meta = {"format": FORMAT, "site": self.site, "provenance": json.dumps(dict(self.meta), sort_keys=True)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

@@ -280,6 +280,10 @@ class ShardWriter:
             self._f.write(t.view(torch.uint8).numpy().data)
         self._next += 1
 
+    def abort(self) -> None:
+        """Close the file without the completeness check (the caller is raising another error)."""
+        self._f.close()
+
     def close(self) -> None:
         try:
             if self._next != len(self.layout):
@@ -298,28 +302,51 @@ def provenance_json(provenance: Mapping[str, Any]) -> str:
 
 
 def check_output(out: str | os.PathLike, sources: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
-    """``out`` resolved; an error if it is (inside) a source, or exists and ``overwrite`` is false."""
+    """``out`` resolved; an error if it is, holds or lies inside a source (symlinks resolved, see
+    :func:`steering.io.check_paths`), or exists and ``overwrite`` is false."""
+    from .io import check_paths
+
+    check_paths([out], sources)
     out = Path(out).expanduser().resolve()
-    for src in sources:
-        s = Path(src).expanduser().resolve()
-        if out == s or s in out.parents:
-            raise ValueError(f"{out}: the output is inside the source {s}; write somewhere else")
-        if out in s.parents:  # replacing the output folder would delete the source
-            raise ValueError(f"{out}: the output folder holds the source {s}; write somewhere else")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
     return out
 
 
-def copy_side_files(src: Path | None, dst: Path) -> None:
+def copy_side_files(src: Path | None, dst: Path, keep_remote_code: bool = False) -> None:
     """Config, tokenizer, generation config, chat template...: every file of ``src`` except weights,
-    the index and the model card (pickled weights are never copied)."""
+    the index and the model card (pickled weights are never copied). A model repo's own Python code
+    (``*.py`` and the ``auto_map`` entries naming it) is left out unless ``keep_remote_code``."""
     if src is None:
         return
     for f in sorted(src.iterdir()):
         if (f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors" and f.suffix not in PICKLED
-                and f.name not in (INDEX, "README.md")):
+                and f.name not in (INDEX, "README.md") and (keep_remote_code or f.suffix != ".py")):
             shutil.copy2(f, dst / f.name)
+    if not keep_remote_code:
+        strip_remote_code(dst)
+
+
+def strip_remote_code(folder: Path) -> list[str]:
+    """Remove a written model folder's remote code: ``*.py`` files and ``auto_map`` entries of its
+    JSON configs (an output runs no code of the source's unless asked). Returns what was removed."""
+    gone = []
+    for f in sorted(folder.glob("*.py")):
+        f.unlink()
+        gone.append(f.name)
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            del data["auto_map"]
+            f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            gone.append(f"{name}:auto_map")
+    return gone
 
 
 def model_card(dst: Path, provenance_blob: str, base: str) -> None:
@@ -334,7 +361,8 @@ def model_card(dst: Path, provenance_blob: str, base: str) -> None:
 def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callable[[str, torch.Tensor], torch.Tensor],
                      provenance: Mapping[str, Any], *, overwrite: bool = False,
                      sources: Iterable[str | os.PathLike] = (), extra: Mapping[str, torch.Tensor] | None = None,
-                     side_files: Callable[[Path], None] | None = None, progress: bool = False) -> Path:
+                     side_files: Callable[[Path], None] | None = None, progress: bool = False,
+                     keep_remote_code: bool = False) -> Path:
     """Write ``source`` with every tensor passed through ``tensor(name, original)`` into folder ``out``.
 
     The function gets the stored tensor (its own dtype) and returns the edited one, which is cast
@@ -372,6 +400,10 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                     t = tensor(n, orig)
                     if tuple(t.shape) != tuple(orig.shape):
                         raise ValueError(f"{n}: the edit changed its shape from {tuple(orig.shape)} to {tuple(t.shape)}")
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"{n}: the edit made NaN or infinite values (from finite inputs: "
+                                         "check the edit's scale and vectors)" if bool(torch.isfinite(orig).all())
+                                         else f"{n}: the source tensor holds NaN or infinite values")
                     w.write(n, t.to(orig.dtype))
                     del orig, t
                     release_memory()
@@ -379,17 +411,22 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                 for n in new:
                     w.write(n, extra[n])
                     bar.update()
-            finally:
-                w.close()
+            except BaseException:
+                w.abort()  # the first error is the one reported, not "tensors were not written"
+                bar.close()
+                raise
+            w.close()
             total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
         if (source.folder / INDEX).is_file() or len(shards) > 1:
             weight_map = dict(source.where)
             weight_map.update({n: shards[-1] for n in extra})
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        copy_side_files(source.folder, tmp)
+        copy_side_files(source.folder, tmp, keep_remote_code)
         if side_files is not None:
             side_files(tmp)
+            if not keep_remote_code:
+                strip_remote_code(tmp)
         model_card(tmp, blob, str(provenance.get("base_model", source.path)))
     bar.close()
     return out

@@ -133,6 +133,46 @@ def test_factors_are_bakes_weight_change(family):
             assert not torch.equal(p.tensors[bias_key], old[f"{p.module}.bias"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_auto_peft_model_loads_base_and_adapter(family, tmp_path, monkeypatch):
+    """adapter_config.json says task_type CAUSAL_LM and names the base model as it was given to
+    steering.load (here a relative folder), so AutoPeftModelForCausalLM loads base and adapter in one call."""
+    from peft import AutoPeftModelForCausalLM, PeftModelForCausalLM
+
+    import steering as st
+
+    monkeypatch.chdir(tmp_path)
+    tiny = model(family)
+    tiny.hf.save_pretrained("base")
+    tiny.tokenizer.save_pretrained("base")
+    m = st.load("base")
+    edit = ablation(m, 2, seed=3)
+    path = to_peft(edit, m, "adapter")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == "base"  # what was passed, not resolved to an absolute path
+    assert json.loads((path / "steering_provenance.json").read_text())["base_model"] == "base"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = AutoPeftModelForCausalLM.from_pretrained(str(path)).eval()
+    assert isinstance(pm, PeftModelForCausalLM)
+    with edit.hooks(m):
+        hooked = logits(m.hf, m)
+    want, got = logits(edit.bake(m).hf, m), logits(pm, m)
+    assert (logits(m.hf, m) - want).abs().max() > 1e-3  # the edit does something
+    assert (got - want).abs().max() <= 1e-4 and (got - hooked).abs().max() <= 1e-4
+
+
+def test_base_model_name_can_be_given(tmp_path):
+    """base_model= records the hub name of a model loaded from elsewhere (config, provenance, model card)."""
+    m = model("qwen2")
+    path = to_peft(ablation(m, 1), m, tmp_path / "a", base_model="Qwen/Qwen2.5-0.5B-Instruct")
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert json.loads((path / "steering_provenance.json").read_text())["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "base_model: Qwen/Qwen2.5-0.5B-Instruct" in (path / "README.md").read_text()
+    assert peft.PeftConfig.from_pretrained(str(path)).task_type == "CAUSAL_LM"
+
+
 def test_biases_travel_in_the_adapter(tmp_path):
     m = model("gpt2")
     edit = ablation(m, 1)

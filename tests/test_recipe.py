@@ -58,7 +58,7 @@ def test_cli_errors_are_one_line(folders, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.safetensors" in err
     assert main(["task-vector", str(folders["base"]), str(folders["ft"]), "--out", str(folders["base"] / "t.safetensors")]) == 2
-    assert "inside the source" in capsys.readouterr().err
+    assert "inside the input" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (folders["base"] / "t.safetensors").exists()
 
 

@@ -36,6 +36,18 @@ def test_safetensors_round_trip_with_provenance(tmp_path):
         SteeringVector.load(tmp_path / "nope.safetensors")
 
 
+def test_save_layers_sharing_one_tensor(tmp_path):
+    """Layers holding the same tensor object (or overlapping views of one storage) save and load back equal."""
+    v, m = torch.randn(16), torch.randn(3, 16)
+    for i, a in enumerate([SteeringVector({1: v, 2: v}, meta={"method": "shared"}),
+                           SteeringVector({0: m[0], 1: m[0], 2: m[1], 3: m.view(-1)[:16]})]):
+        a.save(tmp_path / f"{i}.safetensors")
+        b = SteeringVector.load(tmp_path / f"{i}.safetensors")
+        assert b.layers == a.layers and b.meta == a.meta
+        assert all(torch.equal(a[l], b[l]) for l in a.layers)
+    assert torch.equal(v, SteeringVector.load(tmp_path / "0.safetensors")[2])  # the vector itself is untouched
+
+
 def test_gguf_round_trip_is_exact(tmp_path):
     a = _vec(layers=(2, 3, 5))
     a.to_gguf(tmp_path / "v.gguf", model_hint="llama")
@@ -67,6 +79,9 @@ def test_candidates_round_trip(tmp_path):
     c.save(tmp_path / "c.safetensors")
     d = Candidates.load(tmp_path / "c.safetensors")
     assert torch.equal(c.vectors, d.vectors) and d.positions == (-2, -1) and d.meta == {"model": "m"}
+    for view in (torch.randn(5, 3, 2, 8)[1], torch.randn(1, 2, 8).expand(3, 2, 8), torch.randn(2, 3, 8).transpose(0, 1)):
+        Candidates(view, (-2, -1)).save(tmp_path / "v.safetensors")  # one tensor: views save as their own values
+        assert torch.equal(Candidates.load(tmp_path / "v.safetensors").vectors, view)
 
 
 def test_pca_direction_points_with_the_mean_difference():
