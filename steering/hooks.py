@@ -14,11 +14,26 @@ tensor replaces the activation; returning ``None`` leaves it alone. Hooks must n
 the ``try`` so that a failure half-way through set-up still removes what was added; nested
 contexts remove only their own hooks; parameters and buffers are never touched, so the model
 leaves the block bit-identical whatever happens inside it.
+
+Threads. PyTorch module hooks are global to the module, so every hook ``attach`` registers
+(including the root pre-hook that fills the :class:`ForwardState`) is scoped to the thread that
+attached it: it first compares ``threading.get_ident()`` with that thread's id and, in any other
+thread, does nothing. A forward pass therefore sees exactly the hooks its own thread has attached:
+two threads may each run a different edit on one model at once (on one ``hf`` module, however
+many :class:`steering.Model` objects wrap it) and each gets its own edit's outputs, a plain
+forward in another thread is unaffected, and nested contexts in one thread stack as before. The
+other side of this: a forward run in a thread other than the one that attached (a worker thread
+that runs ``generate`` for a streamer, ``nn.DataParallel`` replicas) does not see the hooks, so
+attach inside the thread that runs the forward. The scope is the thread, not an asyncio task.
+Each context has its own ``ForwardState``; hook functions that keep state of their own should
+keep it per context too (the edits build theirs per ``.hooks`` call). This covers the hooks only:
+whether a model's forward may run in several threads at once is up to the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -33,6 +48,8 @@ SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 HookFn = Callable[[Tensor, "HookContext"], "Tensor | None"]
 
+_get_ident = threading.get_ident
+
 
 @dataclass
 class ForwardState:
@@ -42,6 +59,7 @@ class ForwardState:
     past_len: int = 0  # tokens already in the KV cache
     seq_len: int = 0  # tokens in this call
     batch: int = 0
+    thread: int = 0  # threading.get_ident() of the thread that attached: the hooks act only on its calls
 
 
 @dataclass
@@ -94,7 +112,13 @@ def _cache_len(past: Any) -> int:
 
 
 def _root_pre_hook(state: ForwardState) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    owner = state.thread
+
+    # kwargs has a default: a forward in another thread that races with this hook's registration or
+    # removal can see the hook without its with_kwargs flag and call it with (module, args) alone.
+    def hook(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        if _get_ident() != owner:
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -124,7 +148,11 @@ def _call(fn: HookFn, x: Tensor, ctx: HookContext) -> Tensor | None:
 
 def _input_hook(fn: HookFn, ctx: HookContext) -> Callable:
     """Forward pre-hook that passes the module's first input (positional or ``hidden_states``)."""
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    owner = ctx.state.thread
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:  # default: see _root_pre_hook
+        if _get_ident() != owner:
+            return None
         if args:
             new = _call(fn, args[0], ctx)
             return None if new is None else ((new, *args[1:]), kwargs)
@@ -136,7 +164,11 @@ def _input_hook(fn: HookFn, ctx: HookContext) -> Callable:
 
 
 def _output_hook(fn: HookFn, ctx: HookContext) -> Callable:
+    owner = ctx.state.thread
+
     def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+        if _get_ident() != owner:
+            return None
         new = _call(fn, _first(out), ctx)
         return None if new is None else _replace_first(out, new)
     return hook
@@ -194,14 +226,15 @@ def attach(model: Any, hooks: Mapping[Any, HookFn] | list[tuple[Any, HookFn]]) -
 
     ``model`` is a :class:`steering.Model` (or anything :func:`steering.load` accepts). Keys are
     ``(site, layer)`` pairs (negative layers count from the end) or ``"site.layer"`` strings.
-    Several functions may share a key: pass a list of pairs.
+    Several functions may share a key: pass a list of pairs. The hooks act only on forward calls
+    made in the calling thread (see the module docstring).
     """
     from .model import as_model
 
     sm = as_model(model)
     mmap = sm.map
     items = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
-    state = ForwardState()
+    state = ForwardState(thread=_get_ident())
     handles: list[RemovableHandle] = []
     try:
         handles.append(sm.hf.register_forward_pre_hook(_root_pre_hook(state), with_kwargs=True))

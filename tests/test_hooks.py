@@ -1,5 +1,8 @@
 """Hook sites and recording on tiny random models of every family the foundation supports."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 
@@ -203,3 +206,155 @@ def test_write_weights_include_fused_experts_and_conv1d():
     gpt2 = st.testing.tiny_model("gpt2")
     (owner, name, layout), = gpt2.map.write_weights(0, "attn")
     assert layout == "in_out" and type(owner).__name__ == "Conv1D"
+
+
+# --- threads: hooks act only on forward calls of the thread that attached them ----------------------
+def _logits(m, batch):
+    with torch.inference_mode():
+        return m.hf(**batch, use_cache=False).logits
+
+
+def _masked_adder(v):
+    """Adds ``v`` at real tokens only: reads the attach's ForwardState, so a clobbered state shows."""
+    return lambda x, ctx: x + ctx.token_mask(x) * v.to(x.device, x.dtype)
+
+
+def _in_threads(*fns, barriers=()):
+    """Run each fn in its own thread; return their results, re-raise the first error (a failing thread
+    breaks the barriers so the others stop waiting)."""
+    results, errors = [None] * len(fns), []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+            for b in barriers:
+                b.abort()
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _refs(m, batch, hook_sets):
+    """Single-threaded logits under each list of hooks (applied as nested contexts, in order)."""
+    out = []
+    for hooks in hook_sets:
+        with contextlib.ExitStack() as stack:
+            for h in hooks:
+                stack.enter_context(m.hooks(h))
+            out.append(_logits(m, batch))
+    return out
+
+
+def test_threads_with_different_edits_on_one_model_each_get_their_own():
+    m = st.testing.tiny_model("llama")
+    batch = m.encode(m.format(PROMPTS[:2]))
+    other = m.encode(m.format(PROMPTS))  # the plain thread's batch: other shapes, other mask
+    torch.manual_seed(0)
+    edits = [{("resid_pre", 1): _masked_adder(torch.randn(m.d_model) * 3), ("mlp_out", 0): _adder(torch.randn(m.d_model))}
+             for _ in range(2)]
+    want = _refs(m, batch, [[e] for e in edits])
+    (plain_want,) = _refs(m, other, [[]])
+    n0 = _n_hooks(m.hf)
+    attached, done = threading.Barrier(3, timeout=60), threading.Barrier(3, timeout=60)
+
+    def edited(i):
+        with m.hooks(edits[i]):
+            attached.wait()  # both edits attached at once from here to `done`
+            outs = [_logits(m, batch) for _ in range(5)]
+            done.wait()
+        return outs
+
+    def plain():
+        attached.wait()
+        outs = [_logits(m, other) for _ in range(5)]
+        done.wait()
+        return outs
+
+    outs0, outs1, plain_outs = _in_threads(lambda: edited(0), lambda: edited(1), plain, barriers=[attached, done])
+    assert not torch.allclose(want[0], want[1])
+    for got, ref in [*((o, want[0]) for o in outs0), *((o, want[1]) for o in outs1), *((o, plain_want) for o in plain_outs)]:
+        assert torch.equal(got, ref)
+    assert _n_hooks(m.hf) == n0
+    assert torch.equal(_logits(m, other), plain_want)
+
+
+def test_thread_can_attach_after_another_threads_block_raised():
+    m = st.testing.tiny_model("llama")
+    batch = m.encode(m.format(PROMPTS[:2]))
+    torch.manual_seed(1)
+    vs = [torch.randn(m.d_model) * 3 for _ in range(2)]
+    base, *want = _refs(m, batch, [[], [{("resid_pre", 1): _adder(vs[0])}], [{("resid_pre", 1): _adder(vs[1])}]])
+    n0 = _n_hooks(m.hf)
+    attached, raised = threading.Barrier(2, timeout=60), threading.Event()
+
+    def raiser():
+        with pytest.raises(RuntimeError, match="boom"):
+            with m.hooks({("resid_pre", 1): _adder(vs[0])}):
+                attached.wait()
+                out = _logits(m, batch)
+                raise RuntimeError("boom")
+        raised.set()
+        return out
+
+    def steady():
+        with m.hooks({("resid_pre", 1): _adder(vs[1])}):
+            attached.wait()
+            during = _logits(m, batch)
+            assert raised.wait(60)
+            after = _logits(m, batch)
+        return during, after
+
+    out, (during, after) = _in_threads(raiser, steady, barriers=[attached])
+    assert torch.equal(out, want[0]) and torch.equal(during, want[1]) and torch.equal(after, want[1])
+    assert _n_hooks(m.hf) == n0
+
+    def attach_again():
+        with m.hooks({("resid_pre", 1): _adder(vs[0])}):
+            return _logits(m, batch)
+
+    (again,) = _in_threads(attach_again)
+    assert torch.equal(again, want[0])
+    assert torch.equal(_logits(m, batch), base) and _n_hooks(m.hf) == n0
+
+
+def test_nested_contexts_in_one_thread_while_another_thread_is_edited():
+    m = st.testing.tiny_model("llama")
+    batch = m.encode(m.format(PROMPTS[:2]))
+    torch.manual_seed(2)
+    outer, inner, theirs = ({("resid_pre", 1): _adder(torch.randn(m.d_model) * 3)} for _ in range(3))
+    base, outer_want, both_want, theirs_want = _refs(m, batch, [[], [outer], [outer, inner], [theirs]])
+    n0 = _n_hooks(m.hf)
+    attached, done = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
+
+    def nested():
+        attached.wait()
+        with m.hooks(outer):
+            got = [(_logits(m, batch), outer_want)]
+            with m.hooks(inner):
+                got.append((_logits(m, batch), both_want))
+            got.append((_logits(m, batch), outer_want))
+        got.append((_logits(m, batch), base))
+        done.wait()
+        return got
+
+    def other():
+        with m.hooks(theirs):
+            attached.wait()
+            got = [(_logits(m, batch), theirs_want) for _ in range(4)]
+            done.wait()
+        return got
+
+    a, b = _in_threads(nested, other, barriers=[attached, done])
+    assert len(a) == 4 and len(b) == 4
+    for got, ref in a + b:
+        assert torch.equal(got, ref)
+    assert _n_hooks(m.hf) == n0
