@@ -3,8 +3,64 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+
+# --- argument types: a bad value is refused by argparse, naming the option ------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction in (0, 1]")
+    return value
+
+
+def _guard(outputs: Iterable[Any], *inputs: Any) -> None:
+    """Refuse, before any work, an output that is, holds or lies inside an input (symlinks resolved)."""
+    from steering.io import check_paths
+
+    flat: list[Any] = []
+    for i in inputs:
+        flat += list(i) if isinstance(i, (list, tuple)) else [i]
+    check_paths(list(outputs), [x for x in flat if isinstance(x, str) and not x.startswith("organism:")])
+
+
+def _fresh_folder(out: str, overwrite: bool) -> None:
+    """A report folder: refused if it is a file, or a non-empty folder without ``--overwrite``."""
+    path = Path(out)
+    if path.is_file():
+        raise FileExistsError(f"{out}: is a file; --out takes a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to write the report into it")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -38,9 +94,13 @@ def _cmd_record(args: argparse.Namespace) -> int:
     import steering as st
     from steering.record import save_recording
 
+    _guard([args.out], args.model, args.prompts)
     prompts = st.datasets.load(args.prompts, column=args.column, limit=args.limit)  # fail fast, before the model loads
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ValueError(f"--layers {args.layers!r}: give comma-separated whole numbers, e.g. 0,2,3") from None
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     rec = st.record(m, prompts, sites=args.sites.split(","), layers=layers, positions=args.positions,
                     batch_size=args.batch_size)
     save_recording(rec, args.out, m.name)
@@ -59,6 +119,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import steering as st
     from steering.extract import diff_in_means
 
+    _guard([args.out], args.model, args.harmful, args.harmless)
     harmful = st.datasets.load(args.harmful, limit=args.limit)
     harmless = st.datasets.load(args.harmless, limit=args.limit)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
@@ -73,18 +134,22 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import steering as st
+    from steering.io import atomic_write
     from steering.select import select_direction, select_subspace
     from steering.vectors import Candidates
 
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    _guard([out, str(stem) + ".png", str(stem) + ".json"], args.model, args.candidates, args.harmful_val, args.harmless_val)
     cands = Candidates.load(args.candidates)
     harmful = st.datasets.load(args.harmful_val, limit=args.limit)
     harmless = st.datasets.load(args.harmless_val, limit=args.limit)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     sel = select_direction(m, cands, harmful, harmless, kl_threshold=args.kl_threshold, affine=args.affine)
-    out = Path(args.out)
-    stem = out.with_suffix("")
     print(sel.table())
-    sel.plot(str(stem) + ".png")
+    if sel.pick is None:  # nothing is written for a selection that found nothing
+        raise ValueError("no candidate passed the filters (table above); raise --kl-threshold or give more "
+                         "validation prompts (--limit)")
     report = sel.to_json()
     if args.subspace:
         sub = select_subspace(m, sel, harmful, harmless, max_rank=args.max_rank, kl_threshold=args.kl_threshold)
@@ -99,8 +164,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
         edit = AffineAblation.fit(m, edit.basis, harmless, meta={**edit.meta, "offsets_from": args.harmless_val})
         print(f"affine: coordinates kept at the mean of {len(harmless)} {args.harmless_val} prompts' post-instruction tokens")
+    sel.plot(str(stem) + ".png")
     edit.save(out)
-    Path(str(stem) + ".json").write_text(json.dumps(report, indent=2))
+    atomic_write(str(stem) + ".json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     print(f"ablation edit (rank {edit.rank}) -> {out}; table {stem}.json, heat map {stem}.png")
     return 0
 
@@ -114,6 +180,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
 
     if args.format == "peft" and len(args.edit) != 1:
         raise ValueError("--format peft takes exactly one --edit (an ablation)")
+    _guard([args.out], args.model, args.edit)
     edit = _load_edits(args.edit)
     if args.format == "peft" and not isinstance(edit, Ablation):
         raise ValueError(f"--format peft: {args.edit[0]} holds a {edit.kind} edit; only an ablation is a low-rank weight change")
@@ -121,7 +188,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         # A local folder is orthogonalised tensor by tensor: the memory of one tensor, not the model.
         try:
             out = bake_ablation_stream(edit, args.model, args.out, overwrite=args.overwrite, progress=True,
-                                       provenance={"edits": ",".join(args.edit)}, trust_remote_code=args.trust_remote_code)
+                                       provenance={"edits": ",".join(args.edit)}, trust_remote_code=args.trust_remote_code,
+                                       sources=args.edit)
             print(f"baked (streamed) -> {out}")
             return 0
         except NotStreamable as e:
@@ -130,11 +198,12 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if args.format == "peft":
         from steering.export import to_peft
 
-        out = to_peft(edit, m, args.out, overwrite=args.overwrite)
+        base = None if args.model.startswith("organism:") else args.model  # as the user named it
+        out = to_peft(edit, m, args.out, overwrite=args.overwrite, base_model=base)
     else:
         baked = edit.bake(m)
         out = write_hf(baked, args.out, {"method": "bake", "edits": ",".join(args.edit)}, overwrite=args.overwrite,
-                       sources=[args.model])
+                       sources=[args.model, *args.edit], keep_remote_code=args.trust_remote_code)
     print(f"baked -> {out}")
     return 0
 
@@ -157,8 +226,8 @@ def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--amplify-layer", type=int, help="layer that gets the amplification vector (default: the middle one)")
     g.add_argument("--amplify-site", help="where the amplification vector is read and added: mlp_out (default, as "
                                           "the paper) or another hook site, e.g. resid_post")
-    g.add_argument("--amplify-scale", type=float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
-    g.add_argument("--gamma", type=float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
+    g.add_argument("--amplify-scale", type=finite_float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
+    g.add_argument("--gamma", type=nonneg_float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
 
 
 def _safeinfer_parts(m, args: argparse.Namespace):
@@ -197,6 +266,11 @@ def _cmd_organism_build(args: argparse.Namespace) -> int:
     from steering import organisms
 
     seed = {} if args.seed is None else {"seed": args.seed}
+    if args.arch not in organisms.ARCHS:
+        raise ValueError(f"--arch {args.arch!r}: choose from {', '.join(organisms.ARCHS)}")
+    out = Path(args.out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not args.overwrite):  # before any build starts
+        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     org = organisms.build(args.out, arch=args.arch, overwrite=args.overwrite, **seed)
     print(org.table())
     print(f"built in {org.seconds:.0f} s (cached afterwards); folders: " + ", ".join(str(org.path(k)) for k in organisms.KINDS))
@@ -209,6 +283,7 @@ def _cmd_task_vector(args: argparse.Namespace) -> int:
     from steering.recipe import resolve
     from steering.taskvec import TaskVector
 
+    _guard([args.out], args.base, args.finetuned)
     tau = TaskVector.between(resolve(args.base), resolve(args.finetuned), include=args.include, exclude=args.exclude)
     if args.top_k is not None:
         tau = tau.top_k(args.top_k, args.scope)
@@ -222,6 +297,7 @@ def _cmd_hdr(args: argparse.Namespace) -> int:
     from steering.recipe import resolve
     from steering.taskvec import TaskVector, hdr
 
+    _guard([args.out], args.target, args.harm_vector)
     harm = TaskVector.load(args.harm_vector)
     out = hdr(resolve(args.target), harm, args.out, scale=args.scale, top_k=args.top_k, scope=args.scope,
               overwrite=args.overwrite, progress=True)
@@ -246,6 +322,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.safeinfer:
         _check_no_safeinfer_options(args)  # before the model loads
+    _guard([args.out], args.model, args.edit or [], args.compare or [], args.unsafe_model)
+    _fresh_folder(args.out, args.overwrite)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     settings = [Setting("plain")]
     settings += [Setting(Path(p).stem, edits=[load_edit(p)]) for p in args.edit or []]
@@ -289,21 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("record", "Record mean activations over a prompt set into a safetensors file.")
     c.add_argument("--prompts", required=True, help="a set name (harmful:train) or a CSV/JSON/JSONL/TXT file")
     c.add_argument("--column", help="the prompt column of a CSV/JSON/JSONL file")
-    c.add_argument("--limit", type=int, help="use at most this many prompts")
+    c.add_argument("--limit", type=positive_int, help="use at most this many prompts")
     c.add_argument("--sites", default="resid_pre", help="comma-separated: resid_pre,resid_mid,resid_post,attn_out,mlp_out")
     c.add_argument("--layers", help="comma-separated layer indices (default: all)")
     c.add_argument("--positions", default="post_instruction", help="last, last:K, post_instruction or all")
-    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--out", required=True, help="output .safetensors file")
     c.set_defaults(func=_cmd_record)
 
     c = model_cmd("extract", "Difference-in-means candidates (layer x post-instruction position) from two prompt sets.")
     c.add_argument("--harmful", default="harmful:train", help="prompt set that should trigger refusal (default harmful:train)")
     c.add_argument("--harmless", default="harmless:train", help="prompt set that should not (default harmless:train)")
-    c.add_argument("--limit", type=int, default=128, help="prompts from each set (default 128, as the paper)")
+    c.add_argument("--limit", type=positive_int, default=128, help="prompts from each set (default 128, as the paper)")
     c.add_argument("--site", default="resid_pre")
     c.add_argument("--positions", default="post_instruction")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=positive_int, default=32)
     c.add_argument("--out", required=True, help="candidates .safetensors file")
     c.set_defaults(func=_cmd_extract)
 
@@ -311,10 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("candidates", help="a file written by 'steering extract'")
     c.add_argument("--harmful-val", default="harmful:val")
     c.add_argument("--harmless-val", default="harmless:val")
-    c.add_argument("--limit", type=int, default=32, help="validation prompts from each set (default 32, as the paper)")
-    c.add_argument("--kl-threshold", type=float, default=0.1)
+    c.add_argument("--limit", type=positive_int, default=32, help="validation prompts from each set (default 32, as the paper)")
+    c.add_argument("--kl-threshold", type=nonneg_float, default=0.1)
     c.add_argument("--subspace", action="store_true", help="grow a low-rank subspace instead of one direction")
-    c.add_argument("--max-rank", type=int, default=8)
+    c.add_argument("--max-rank", type=positive_int, default=8)
     c.add_argument("--affine", action="store_true",
                    help="write an affine ablation: coordinates set to the harmless prompts' mean, not zero; "
                         "the candidates' bypass and KL are scored in that form (bakes with --format hf, not peft)")
@@ -333,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("generate", "Greedy generation, optionally under edits.")
     c.add_argument("--edit", action="append", help="an edit file (repeatable)")
     c.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
-    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.add_argument("--max-new-tokens", type=positive_int, default=48)
     add_safeinfer_args(c)
     c.set_defaults(func=_cmd_generate)
 
@@ -349,11 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_cmd("eval", "Refusal, over-refusal, compliance and utility of MODEL, plain and under edits, side by side.")
     c.add_argument("--edit", action="append", help="an edit file, evaluated as its own setting (repeatable)")
     c.add_argument("--compare", action="append", help="another model folder (e.g. a baked or HDR checkpoint) as a setting")
-    c.add_argument("--limit", type=int, help="at most this many prompts of each set")
-    c.add_argument("--n-utility", type=int, default=128, help="harmless prompts for KL and cross-entropy")
-    c.add_argument("--max-new-tokens", type=int, default=24)
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--limit", type=positive_int, help="at most this many prompts of each set")
+    c.add_argument("--n-utility", type=positive_int, default=128, help="harmless prompts for KL and cross-entropy")
+    c.add_argument("--max-new-tokens", type=positive_int, default=24)
+    c.add_argument("--batch-size", type=positive_int, default=32)
     c.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     add_safeinfer_args(c)
     c.set_defaults(func=_cmd_eval)
 
@@ -361,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("base", help="base checkpoint folder (or organism:[ARCH/]KIND)")
     c.add_argument("finetuned", help="fine-tuned checkpoint folder with the same tensors")
     c.add_argument("--out", required=True, help="output .safetensors file")
-    c.add_argument("--top-k", type=float, help="keep only this fraction of entries, largest in magnitude (e.g. 0.1)")
+    c.add_argument("--top-k", type=fraction, help="keep only this fraction of entries, largest in magnitude (e.g. 0.1)")
     c.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k over the whole model (exact) or per tensor")
     c.add_argument("--include", action="append", help="regex: only tensors whose name matches (repeatable)")
     c.add_argument("--exclude", action="append", help="regex: leave out tensors whose name matches (repeatable)")
@@ -372,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("hdr", help="Harm Direction Removal: TARGET - scale * topk(harm vector), streamed into a checkpoint.")
     c.add_argument("target", help="checkpoint folder to make safer (or organism:[ARCH/]KIND)")
     c.add_argument("--harm-vector", required=True, help="a task vector file (steering task-vector ALIGNED HARMFUL)")
-    c.add_argument("--scale", type=float, default=3.0, help="lambda (default 3, as Safety Arithmetic)")
-    c.add_argument("--top-k", type=float, default=0.1, help="fraction of the harm vector kept, largest first (default 0.1; 1 keeps all)")
+    c.add_argument("--scale", type=finite_float, default=3.0, help="lambda (default 3, as Safety Arithmetic)")
+    c.add_argument("--top-k", type=fraction, default=0.1, help="fraction of the harm vector kept, largest first (default 0.1; 1 keeps all)")
     c.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k over the whole model (the paper) or per tensor")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--overwrite", action="store_true")
@@ -392,15 +471,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _end_progress_bars() -> str:
+    """Close any progress bar an error left open; a newline to print first if one was open, so that
+    the error is the last line, alone."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return ""
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # pragma: no cover - a bar that cannot close must not hide the error
+            pass
+    sys.stderr.flush()
+    return "\n" if bars else ""
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     # FileExistsError and FileNotFoundError are OSErrors; NotImplementedError: baking an edit with no weight form
-    except (ValueError, KeyError, IndexError, OSError, NotImplementedError) as exc:
+    except (ValueError, KeyError, IndexError, OSError, NotImplementedError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"steering {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{_end_progress_bars()}steering {args.command}: error: {_one_line(msg)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{_end_progress_bars()}steering {args.command}: interrupted (outputs appear only once complete)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Writing files and folders so that nothing is lost, and outputs that never touch an input.
 
 Every output is written to a temporary sibling (``.NAME.tmp-PID-XXXX``), fsynced, and renamed into
-place, so an output exists only once it is complete. Replacing an existing output is a swap: the
-old one is renamed aside first, the new one renamed in, and only then the old one deleted, so a
-kill at any instant leaves either the old output whole or the new one whole (and, at worst, an
-aside copy beside it). Temporaries of runs that were killed are removed by the next run that
+place, so an output exists only once it is complete. Replacing an existing folder is a swap:
+on Linux one atomic ``renameat2(RENAME_EXCHANGE)`` of the new folder and the old, elsewhere the old
+one renamed aside first (``.NAME.old-PID-XXXX``) and the new one renamed in; only then is the old
+one deleted. So a kill at any instant leaves either the old output whole or the new one whole. Temporaries of runs that were killed are removed by the next run that
 writes into the same place (their process id is in their name, and only those of dead processes
 are touched).
 
@@ -37,15 +37,19 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries and aside copies that killed runs left beside ``path``; returns them."""
+    """Remove the temporaries that killed runs left beside ``path`` (returns them); an old output
+    a run killed mid-swap left aside goes back to ``path`` if nothing is there."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     pat = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-")
     gone = []
-    for sib in path.parent.iterdir():
+    for sib in sorted(path.parent.iterdir()):
         m = pat.match(sib.name)
         if m and not _alive(int(m.group(2))):
+            if m.group(1) == "old" and not (path.exists() or path.is_symlink()):
+                os.replace(sib, path)  # a run killed mid-swap: the old output goes back in place
+                continue
             if sib.is_dir() and not sib.is_symlink():
                 shutil.rmtree(sib, ignore_errors=True)
             else:
@@ -53,6 +57,23 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
                     sib.unlink()
             gone.append(sib)
     return gone
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _prefix(path: Path, kind: str = "tmp") -> str:
@@ -104,18 +125,21 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        aside = None
-        if out.exists() or out.is_symlink():
-            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=_prefix(out, "old")))
-            aside.rmdir()
-            os.replace(out, aside)
-        os.replace(tmp, out)
+        if (out.exists() or out.is_symlink()) and _exchange(tmp, out):
+            old = tmp  # the two names swapped in one step: tmp now holds the old output
+        else:
+            old = None
+            if out.exists() or out.is_symlink():
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_prefix(out, "old")))
+                old.rmdir()
+                os.replace(out, old)  # a kill from here to the next line leaves the old output aside,
+            os.replace(tmp, out)      # and the next run into ``out`` puts it back (clean_stale)
         _fsync_file(out.parent)
-        if aside is not None:
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
             else:
-                aside.unlink()
+                old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

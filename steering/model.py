@@ -185,12 +185,30 @@ class Model:
 
 
 def _check_local(path: Path) -> None:
+    """A local model folder, checked before ``from_pretrained`` reads it: its config, and every
+    safetensors header read by the same reader the weight edits use (a truncated, empty or corrupt
+    file is one error naming it)."""
+    from .weights import Checkpoint
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a folder (a local model must be a Hugging Face folder)")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face model folder")
     if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
         raise FileNotFoundError(f"{path}: no .safetensors weights (steering loads weights only from safetensors)")
+    Checkpoint(path)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a local path: hub names are ``name`` or ``owner/name``."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or os.sep != "/" and os.sep in name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec | None = None,
@@ -238,7 +256,8 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
 
         name = resolve(name)
     local = Path(name).expanduser()
-    if local.exists() or name.startswith((".", "/", "~")):
+    is_local = local.exists() or _looks_like_path(name)
+    if is_local:
         _check_local(local)
         name = str(local)
     kwargs: dict[str, Any] = {**from_pretrained_kwargs, "use_safetensors": True, "trust_remote_code": trust_remote_code}
@@ -248,7 +267,27 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    # Mismatched shapes are let through by transformers only to be named here, one line, then refused
+    # (unless the caller asked to ignore them).
+    refuse_mismatched = not kwargs.get("ignore_mismatched_sizes", False)
+    kwargs["ignore_mismatched_sizes"] = True
+    try:
+        hf, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
+    except OSError as exc:
+        if is_local:
+            raise OSError(f"{name}: cannot load the model ({_first_line(exc)})") from None
+        raise OSError(f"{name}: no such local folder, and it could not be loaded as a hub name "
+                      f"({_first_line(exc)})") from None
+    except (RuntimeError, ValueError) as exc:  # e.g. weights whose shapes are not the config's
+        raise ValueError(f"{name}: cannot load the model ({_first_line(exc)})") from None
+    for key, what in (("missing_keys", "is missing from the checkpoint (it would be random)"),
+                      ("mismatched_keys", "has a shape that differs from the config's")):
+        if key == "mismatched_keys" and not refuse_mismatched:
+            continue
+        bad = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(key) or []))
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ValueError(f"{name}: tensor {bad[0]!r} {what}{more}")
     if device is not None and device_map is None:
         hf = hf.to(device)
     hf.eval()

@@ -50,6 +50,9 @@ def resolve(path: str) -> str:
 
     spec = path.split(":", 1)[1]
     arch, _, kind = spec.rpartition("/")
+    if kind not in organisms.KINDS or (arch and arch not in organisms.ARCHS):  # before any build starts
+        raise ValueError(f"{path}: no such organism; use organism:KIND or organism:ARCH/KIND with KIND in "
+                         f"{', '.join(organisms.KINDS)} and ARCH in {', '.join(organisms.ARCHS)}")
     return str(organisms.get(kind, **({"arch": arch} if arch else {})))
 
 
@@ -158,7 +161,9 @@ def _read_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such recipe file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -184,8 +189,13 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
     """Carry out a recipe (either kind); returns the output folder."""
     from .taskvec import apply
 
+    from .io import check_paths
+
+    recipe_file = None
     if not isinstance(recipe, (Recipe, EvalRecipe)):
+        recipe_file = recipe
         recipe = load_recipe(recipe)
+    check_paths([out or recipe.out], [recipe_file])  # never write over or around the recipe itself
     if isinstance(recipe, EvalRecipe):
         return recipe.run(out=out, progress=progress)
     out = out or recipe.out
@@ -244,8 +254,8 @@ def _with_bakes(model_path: str, delta: TaskVector | None, bakes: list[str], out
     from .edits import load_edit
     from .model import load
 
-    sources = [model_path] + (delta.sources() if delta is not None else [])
-    check_output(out, sources, overwrite)  # fail before the work
+    sources = [model_path, *bakes] + (delta.sources() if delta is not None else [])
+    check_output(out, sources, overwrite)  # fail before the work: never over the model, an edit or a vector
     edits = [load_edit(p) for p in bakes]
     m = load(model_path, trust_remote_code=trust_remote_code)
     if delta is not None:

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .io import atomic_write, read_safetensors
+from .io import atomic_write, check_finite, read_safetensors
 
 FORMAT = "steering.vector"
 
@@ -121,6 +121,7 @@ class SteeringVector:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringVector":
         meta, tensors = read_safetensors(path, FORMAT, "vector")
+        check_finite(tensors, str(path))
         dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
         return cls(dirs, meta.get("site", "resid_pre"), json.loads(meta.get("provenance", "{}")))
 
@@ -208,6 +209,7 @@ class Candidates:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Candidates":
         meta, tensors = read_safetensors(path, "steering.candidates", "candidates")
+        check_finite(tensors, str(path))
         vectors = tensors["vectors"]
         return cls(vectors, tuple(json.loads(meta["positions"])), meta.get("site", "resid_pre"),
                    json.loads(meta.get("provenance", "{}")))

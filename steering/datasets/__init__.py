@@ -212,6 +212,13 @@ def _load_file(path: Path, column: str | None) -> list[str]:
                          f"use {', '.join(FILE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
+    try:
+        return _read_file(path, suffix, column)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the prompt file as UTF-8") from None
+
+
+def _read_file(path: Path, suffix: str, column: str | None) -> list[str]:
     with path.open(encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
         if suffix == ".txt":
             if column is not None:
