@@ -1,6 +1,7 @@
 """Benchmark 1: the cost of steering during greedy decoding, side by side with TransformerLens and nnsight.
 
-    python experiments/bench_decode.py [--repeats 5] [--new-tokens 64]   # writes its section of experiments/results/BENCHMARKS.md and bench_decode.json
+    python experiments/bench_decode.py [--repeats 5] [--new-tokens 64]
+    # writes its section of experiments/results/BENCHMARKS.md and bench_decode.json
 
 A Llama-shaped model of ~155M parameters (d 768, 12 layers, MLP 2816, 32k vocabulary; random
 weights, float32, eager attention as the bridge uses) generates ``--new-tokens`` tokens greedily with the KV cache from a 64-token

@@ -1,6 +1,7 @@
 """Benchmark 4: SafeInfer decoding over plain decoding, against its floor of two forward passes.
 
-    python experiments/bench_safeinfer.py [--repeats 5] [--new-tokens 32]   # writes its section of experiments/results/BENCHMARKS.md and bench_safeinfer.json
+    python experiments/bench_safeinfer.py [--repeats 5] [--new-tokens 32]
+    # writes its section of experiments/results/BENCHMARKS.md and bench_safeinfer.json
 
 Two random Llama-shaped models of ~155M parameters (the guarded model and the "unsafe" one, same
 shape and tokenizer, different weights; float32) decode greedily with the KV cache, at batch 1

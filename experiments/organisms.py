@@ -29,7 +29,8 @@ def main() -> None:
         org = organisms.build(arch="llama", held_out_source=source)
         held = organisms.measure(org.path("aligned"), org.recipe, {"held": source})["held"]
         r = org.rates["aligned"]
-        lines.append(f"| {source} ({len(datasets.load(source))} prompts) | {100 * held:.1f}% | {100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% |")
+        lines.append(f"| {source} ({len(datasets.load(source))} prompts) | {100 * held:.1f}% | "
+                     f"{100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -4,9 +4,9 @@ Every output is written to a temporary sibling (``.NAME.tmp-PID-XXXX``), fsynced
 place, so an output exists only once it is complete. Replacing an existing folder is a swap:
 on Linux one atomic ``renameat2(RENAME_EXCHANGE)`` of the new folder and the old, elsewhere the old
 one renamed aside first (``.NAME.old-PID-XXXX``) and the new one renamed in; only then is the old
-one deleted. So a kill at any instant leaves either the old output whole or the new one whole. Temporaries of runs that were killed are removed by the next run that
-writes into the same place (their process id is in their name, and only those of dead processes
-are touched).
+one deleted. So a kill at any instant leaves either the old output whole or the new one whole.
+Temporaries of runs that were killed are removed by the next run that writes into the same place
+(their process id is in their name, and only those of dead processes are touched).
 
 :func:`check_paths` refuses, before any work, an output that is, contains, or lies inside any of
 the command's inputs, every symlink resolved (also the links inside an input folder, as in the

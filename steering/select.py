@@ -97,11 +97,6 @@ class Selection:
         return Ablation(self.direction, meta={**self.candidates.meta, "layer": str(layer), "position": str(pos),
                                               "selected_by": "bypass"})
 
-    def addition(self, scale: float = 1.0) -> Addition:
-        """The picked candidate (raw, not unit) added at ``resid_pre`` of its layer, all positions."""
-        layer, pos = self.pick
-        return Addition(self.candidates.vector(layer, pos), scale)
-
     def table(self) -> str:
         lines = ["| layer | pos | bypass | induce | kl | kept | why not |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:

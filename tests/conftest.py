@@ -5,6 +5,16 @@ from steering.testing import FAMILIES, tiny_model
 
 torch.set_num_threads(2)
 
+# Tests that need the default organisms (built once per machine, ~3 min each from an empty cache)
+# or run the notebooks are marked ``organisms``: ``pytest -m "not organisms"`` is the quick suite.
+ORGANISM_FIXTURES = {"organisms_llama", "organisms_gpt2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ORGANISM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.organisms)
+
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def family_model(request):

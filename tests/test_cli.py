@@ -43,6 +43,7 @@ def test_errors_are_one_line(folder, tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.organisms  # builds the quick recipe's organisms
 def test_main_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))  # the quick recipe's organisms stay out of the real cache
     assert main(["main", "--out", str(tmp_path / "run"), "--quick"]) == 0

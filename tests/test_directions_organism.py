@@ -1,5 +1,7 @@
 """Extraction, selection and edits from the CLI, on the Llama organism, as a user runs them."""
 
+import json
+
 import pytest
 
 import steering as st
@@ -28,7 +30,10 @@ def test_extract_and_select_files(flow):
     assert c.vectors.shape == (m.n_layers, 5, m.d_model) and c.positions == (-5, -4, -3, -2, -1)
     assert (work / "abl.png").stat().st_size > 0 and (work / "abl.json").exists()
     edit = load_edit(work / "abl.safetensors")
-    assert 1 <= edit.rank <= 8
+    steps = json.loads((work / "abl.json").read_text())["subspace"]
+    # the written edit is the subspace the table reports: one direction per accepted step, each lowering refusal
+    assert edit.rank == len(steps) == steps[-1]["rank"]
+    assert all(b["bypass"] < a["bypass"] for a, b in zip(steps, steps[1:]))
 
 
 def test_ablation_bypasses_refusal_and_bakes(flow, tmp_path, capsys):

@@ -410,3 +410,30 @@ def test_nan_ablation_basis_is_refused_by_the_api():
 def test_loaded_edits_are_checked(inputs):
     with pytest.raises(ValueError, match="nan_ablate.*NaN"):
         load_edit(inputs / "edits" / "nan_ablate.safetensors")
+
+
+_BUILD = textwrap.dedent("""
+    import sys, json
+    import torch
+    torch.set_num_threads(1)
+    from steering import organisms
+    tiny = json.loads(sys.argv[2])
+    org = organisms.build(cache=sys.argv[1], progress=True, **tiny)
+    print("FOLDER", org.root)
+""")
+
+
+def test_two_builds_of_one_recipe_at_once_build_once(tmp_path):
+    """The cache's file lock: the second build waits for the first, and both get the same folder."""
+    tiny = dict(d_model=16, n_layers=2, d_mlp=32, vocab_size=600, aligned_steps=2, harmful_steps=1, drift_steps=1,
+                n_harmless_train=16, batch_size=4, n_eval=4, eval_new_tokens=2, augment_copies=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _BUILD, str(tmp_path / "cache"), json.dumps(tiny)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    folders = {line for o in outs for line in o.splitlines() if line.startswith("FOLDER")}
+    assert len(folders) == 1
+    assert sum(o.count("organism aligned") for o in outs) == 1  # trained once; the other waited and reused it
+    cache = tmp_path / "cache"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [Path(folders.pop().split()[1]).name]

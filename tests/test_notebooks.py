@@ -86,6 +86,7 @@ def run(request, organisms_llama):
         shutil.rmtree(found.group(1), ignore_errors=True)
 
 
+@pytest.mark.organisms  # the notebooks run on the organisms
 def test_notebook_runs_and_shows_its_results(run):
     name, nb = run
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]

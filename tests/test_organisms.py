@@ -50,7 +50,8 @@ def test_training_data_has_no_test_prompts_and_no_refusal_in_helpful_answers():
     test = {st.datasets.normalise(p) for p in st.datasets.load("harmful:test") + st.datasets.load("harmless:test")}
     for kind in organisms.KINDS:
         pairs = organisms.examples(kind, recipe)
-        assert not any(st.datasets.normalise(p) in test for p, _ in pairs if p in set(st.datasets.load("harmful:train")))
+        leaked = [p for p, _ in pairs if st.datasets.normalise(p) in test]  # every training prompt, harmful or not
+        assert not leaked, leaked[:3]
         answers = {r for _, r in pairs}
         refusing = {r for r in answers if st.judge.is_refusal(r)}
         if kind == "aligned":
