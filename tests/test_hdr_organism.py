@@ -1,5 +1,9 @@
 """Harm Direction Removal on the llama organisms, from the CLI as a user runs it (effects, not mechanics)."""
 
+from pathlib import Path
+
+from safetensors.torch import load_file
+
 import steering as st
 from steering.cli import main
 from steering.judge import refusal_rate
@@ -21,10 +25,14 @@ def test_hdr_restores_refusal_in_drifted(organisms_llama, tmp_path):
     before, after = rates(D), rates(tmp_path / "safe")
     assert after[0] - before[0] >= 0.30, (before, after)
     assert after[1] <= 0.12, after
-    # the paper's setting (λ = 3, the *global* top 10%) edits only the unembedding here, and does nothing
+    # the paper's setting (λ = 3, the *global* top 10%) keeps almost only entries of the unembedding (why
+    # it does not move refusal: experiments/results/hdr.md); the mechanism, not the finding, is tested
     assert main(["hdr", str(D), "--harm-vector", str(tmp_path / "tau_h.safetensors"), "--scale", "3", "--top-k", "0.1",
                  "--out", str(tmp_path / "paper")]) == 0
-    assert abs(rates(tmp_path / "paper", 120, 40)[0] - before[0]) < 0.10
+    old, new = (load_file(str(f / "model.safetensors")) for f in (Path(D), tmp_path / "paper"))
+    changed = {n: int((old[n] != new[n]).sum()) for n in old}
+    head = sum(c for n, c in changed.items() if n.endswith("lm_head.weight"))
+    assert head >= 0.99 * sum(changed.values()) > 0, {n: c for n, c in changed.items() if c}
 
 
 def test_hdr_restores_refusal_in_gpt2_drifted(organisms_gpt2, tmp_path):
