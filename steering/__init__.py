@@ -3,15 +3,23 @@
 A small public surface; nothing heavy happens at import.
 """
 
-__version__ = "0.1.0"  # the one version source: pyproject.toml reads it
+from ._version import __version__
 
 from . import datasets, edits, evaluate, judge, testing
 from .arch import ArchitectureError, ArchSpec, known_architectures
 from .edits import load_edit
 from .hooks import SITES, HookContext, attach
-from .model import Model, load
+from .model import Model, load, register_scheme
 from .record import Recording, record
 from .vectors import Candidates, SteeringVector
+
+def _organism_folder(name: str) -> str:
+    from .recipe import resolve
+
+    return resolve(name)
+
+
+register_scheme("organism", _organism_folder)
 
 __all__ = [
     "ArchSpec", "ArchitectureError", "Candidates", "datasets", "edits", "evaluate", "judge", "testing", "HookContext",

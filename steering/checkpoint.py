@@ -191,7 +191,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .arch import ArchitectureError
-    from .edits import ABLATION_SITES, Ablation, _project_out, _project_rows
+    from .edits import ABLATION_SITES, Ablation, project_out, project_rows
 
     if not isinstance(edit, Ablation):
         raise TypeError(f"bake_ablation_stream: expected an Ablation edit, got {type(edit).__name__}")
@@ -242,10 +242,10 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     def tensor(name: str, t: torch.Tensor) -> torch.Tensor:
         how, layout = plan.get(name, ("", ""))
         if how == "rows":
-            return _in_pieces(t, 0, lambda w: _project_rows(w.reshape(-1, w.shape[-1]), q).reshape(w.shape))
+            return _in_pieces(t, 0, lambda w: project_rows(w.reshape(-1, w.shape[-1]), q).reshape(w.shape))
         if how == "out":  # every layout acts independently along one axis: columns of [d, in], rows of [in, d]
             dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
-            return _in_pieces(t, dim, lambda w: _project_out(w, q, layout))
+            return _in_pieces(t, dim, lambda w: project_out(w, q, layout))
         return t
 
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),

@@ -348,7 +348,7 @@ def _cmd_main(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steering", description="Steer causal LMs towards safety without training them.")
-    p.add_argument("--version", action="version", version=f"steering {__import__('steering').__version__}")
+    p.add_argument("--version", action="version", version=f"steering {__import__('steering._version').__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_cmd(name: str, help: str) -> argparse.ArgumentParser:

@@ -188,15 +188,15 @@ class Ablation(Edit):
             for piece in ("embed", "pos_embed"):
                 if getattr(sm.map.spec, piece):
                     w = sm.map.module(piece).weight
-                    w.copy_(_project_rows(w, self.basis))
+                    w.copy_(project_rows(w, self.basis))
             for layer in range(sm.n_layers):
                 for which in ("attn", "mlp"):
                     for owner, name, layout in sm.map.write_weights(layer, which):
                         w = getattr(owner, name)
-                        w.copy_(_project_out(w, self.basis, layout))
+                        w.copy_(project_out(w, self.basis, layout))
                         bias = getattr(owner, "bias", None) if name == "weight" else None
                         if isinstance(bias, Tensor):
-                            bias.copy_(_project_rows(bias[None], self.basis)[0])
+                            bias.copy_(project_rows(bias[None], self.basis)[0])
         return sm
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -368,14 +368,14 @@ def _work_dtype(w: Tensor) -> torch.dtype:
     return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
-def _project_rows(w: Tensor, q: Tensor) -> Tensor:
+def project_rows(w: Tensor, q: Tensor) -> Tensor:
     """Rows of ``w`` ([n, d]) with the span of ``q`` removed; computed in float32 or better."""
     dt = _work_dtype(w)
     w32, q32 = w.to(dt), q.to(w.device, dt)
     return (w32 - (w32 @ q32.T) @ q32).to(w.dtype)
 
 
-def _project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
+def project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
     """A stream-writing weight whose output has no component in the span of ``q``."""
     dt = _work_dtype(w)
     w32, q32 = w.to(dt), q.to(w.device, dt)

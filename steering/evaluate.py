@@ -20,7 +20,7 @@ SafeInfer decoding), batched greedy generation with a progress bar, then:
   model's own behaviour; pass ``references=`` for other texts). Guided decoding is a decoding
   rule, so its ``ce`` is that of the amplified model.
 
-Refusal is judged by the substring judge of METHODS.md §4 unless ``judge=`` (any callable
+Refusal is judged by the substring judge (:mod:`steering.judge`) unless ``judge=`` (any callable
 ``(prompts, completions) -> list[bool]``, e.g. a classifier you have) says otherwise.
 """
 

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from .arch import get_path
 from .checkpoint import check_output
-from .edits import ABLATION_SITES, Ablation, _project_rows
+from .edits import ABLATION_SITES, Ablation, project_rows
 from .io import atomic_folder
 from .model import Model, as_model
 
@@ -127,7 +127,7 @@ def _pieces(edit: Ablation, sm: Model) -> list[_Piece]:
         elif piece == "pos_embed" and isinstance(emb, nn.Embedding) and [n for n, _ in emb.named_parameters()] == ["weight"]:
             # e.g. OPT's learned positions: PEFT's LoRA would look up its forward's first argument (the attention
             # mask), so carry the projected table whole, as bake computes it.
-            out.append(_Piece(name, "full", {f"{name}.weight": _project_rows(w, edit.basis).cpu().contiguous()}))
+            out.append(_Piece(name, "full", {f"{name}.weight": project_rows(w, edit.basis).cpu().contiguous()}))
         else:
             raise ValueError(f"to_peft: {name}.weight: {type(emb).__name__} is not a plain embedding lookup, "
                              "so a PEFT embedding LoRA cannot express its change")
@@ -161,7 +161,7 @@ def _pieces(edit: Ablation, sm: Model) -> list[_Piece]:
                 tensors = {f"{oname}.lora_A.weight": _cpu(qd @ w_dm), f"{oname}.lora_B.weight": minus_qt.clone()}
                 bias = getattr(owner, "bias", None)
                 if isinstance(bias, Tensor):  # as bake: the bias loses its component in the span of Q
-                    tensors[f"{oname}.base_layer.bias"] = _project_rows(bias.detach()[None], edit.basis)[0].cpu().contiguous()
+                    tensors[f"{oname}.base_layer.bias"] = project_rows(bias.detach()[None], edit.basis)[0].cpu().contiguous()
                 out.append(_Piece(oname, kind, tensors))
     return out
 
@@ -269,7 +269,7 @@ def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bo
     """
     from safetensors.torch import save_file
 
-    import steering
+    from ._version import __version__
 
     if not isinstance(edit, Ablation):
         raise TypeError(f"to_peft: only an Ablation is a low-rank weight change; got {type(edit).__name__}")
@@ -285,7 +285,7 @@ def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bo
     prov = {
         "format": "steering.peft_adapter", "kind": edit.kind, "rank": edit.rank, "meta": dict(edit.meta),
         "sites": list(edit.sites), "base_model": config.base_model_name_or_path, "architecture": sm.map.spec.name,
-        "steering_version": steering.__version__,
+        "steering_version": __version__,
         "tied_embeddings": bool(head is not None and emb is not None and head.weight is emb.weight),
         "lora_modules": sum(p.kind != "full" for p in pieces),
         "full_modules": [p.module for p in pieces if p.kind == "full"],

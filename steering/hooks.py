@@ -224,14 +224,15 @@ def parse_key(key: Any) -> tuple[str, int]:
 def attach(model: Any, hooks: Mapping[Any, HookFn] | list[tuple[Any, HookFn]]) -> Iterator[ForwardState]:
     """Run ``model`` with ``hooks`` attached; remove exactly these hooks on exit, whatever happens.
 
-    ``model`` is a :class:`steering.Model` (or anything :func:`steering.load` accepts). Keys are
+    ``model`` is a :class:`steering.Model` (``steering.load`` makes one of anything). Keys are
     ``(site, layer)`` pairs (negative layers count from the end) or ``"site.layer"`` strings.
     Several functions may share a key: pass a list of pairs. The hooks act only on forward calls
     made in the calling thread (see the module docstring).
     """
-    from .model import as_model
-
-    sm = as_model(model)
+    sm = model
+    if not (hasattr(sm, "map") and hasattr(sm, "hf")):
+        raise TypeError(f"attach: expected a steering.Model (steering.load(...) makes one from any model), "
+                        f"got {type(model).__name__}")
     mmap = sm.map
     items = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
     state = ForwardState(thread=_get_ident())

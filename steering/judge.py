@@ -1,4 +1,5 @@
-"""Judges of generations. The default is the substring refusal judge the papers use (METHODS.md §4).
+"""Judges of generations. The default is the substring refusal judge the papers use (a
+reply that contains one of their refusal phrases, compared case-insensitively, is a refusal).
 
 A judge is any callable ``(prompts, completions) -> list[bool]`` (True = refused); pass your own,
 e.g. a classifier model, wherever one is asked for.

@@ -13,14 +13,26 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .arch import ArchSpec, ModelMap, resolve_spec
+from .hooks import attach
 
 _MARK = "\u2063STEERINGMARK\u2063"
+
+
+# Names like ``organism:drifted`` that stand for a local folder: scheme -> fn(name) -> folder. The
+# layers above the core register theirs (steering/__init__.py registers ``organism``), so loading
+# never imports the application layer.
+NAME_SCHEMES: dict[str, Callable[[str], str]] = {}
+
+
+def register_scheme(scheme: str, resolve: Callable[[str], str]) -> None:
+    """Let ``steering.load("SCHEME:...")`` load the folder ``resolve("SCHEME:...")`` returns."""
+    NAME_SCHEMES[scheme] = resolve
 
 
 def _is_bridge(obj: Any) -> bool:
@@ -78,7 +90,6 @@ class Model:
 
     def hooks(self, hooks: Any):
         """Context manager running this model with ``hooks`` attached (see :func:`steering.hooks.attach`)."""
-        from .hooks import attach
         return attach(self, hooks)
 
     # --- text ------------------------------------------------------------------------------
@@ -251,10 +262,9 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = os.fspath(model)
-    if name.startswith("organism:"):  # a model organism: organism:KIND or organism:ARCH/KIND (built on first use)
-        from .recipe import resolve
-
-        name = resolve(name)
+    scheme, sep, _ = name.partition(":")
+    if sep and scheme in NAME_SCHEMES:  # e.g. organism:KIND or organism:ARCH/KIND (built on first use)
+        name = NAME_SCHEMES[scheme](name)
     local = Path(name).expanduser()
     is_local = local.exists() or _looks_like_path(name)
     if is_local:

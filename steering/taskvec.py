@@ -7,7 +7,7 @@ build new lazy vectors; :func:`ties` merges several. Nothing ever holds two mode
 whole tensors sets, in memory: applying a vector to a checkpoint (:func:`apply`, :func:`hdr`)
 streams it tensor by tensor into an edited checkpoint through :func:`steering.weights.write_checkpoint`.
 
-Recipes (METHODS.md §2): task arithmetic (Ilharco et al.), TIES (trim, elect sign, disjoint mean),
+Recipes: task arithmetic (Ilharco et al.), TIES (trim, elect sign, disjoint mean),
 DARE (drop and rescale) and Safety Arithmetic's HDR, θ_safe = θ_target − λ·topk(τ_H) with
 τ_H = θ_harmful − θ_base (λ = 3, k = 10% global in the paper). Unlike that paper's code, the
 global threshold is found with a two-pass radix select over float32 bit patterns while holding

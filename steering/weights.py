@@ -293,11 +293,11 @@ class ShardWriter:
 
 
 def provenance_json(provenance: Mapping[str, Any]) -> str:
-    import steering
+    from ._version import __version__
 
     prov = {k: v if isinstance(v, (str, int, float, bool, list, dict)) or v is None else str(v)
             for k, v in provenance.items()}
-    prov.setdefault("steering_version", steering.__version__)
+    prov.setdefault("steering_version", __version__)
     return json.dumps(prov, sort_keys=True)
 
 

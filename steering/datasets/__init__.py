@@ -71,8 +71,8 @@ and ``.txt`` (one prompt a line).  For tables ``column`` names the field; by
 default the first of ``DEFAULT_COLUMNS`` present (case-insensitive) is used.
 Prompts are stripped and blank ones skipped; files are not deduplicated or cached.
 
-Bundled data (``data/``, byte-for-byte copies of /work/shared/data with each
-LICENSE next to its files; see ``data/SOURCES.md``).  Not bundled because no
+Bundled data (``data/``, byte-for-byte copies of the public sets, each LICENSE next to its
+files; see ``data/SOURCES.md``).  Not bundled because no
 loader needs them: harmbench_behaviors_text_all.csv (its standard behaviours are
 exactly those of the val and test files), xstest_v2_prompts.csv (same prompts as
 xstest_prompts.csv, which has an explicit ``label`` column) and adversarialqa
