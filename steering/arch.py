@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -178,6 +178,26 @@ def resolve_spec(model: nn.Module, override: dict[str, Any] | ArchSpec | None = 
     return ArchSpec.from_dict(data, name=name)
 
 
+class StreamWriter(NamedTuple):
+    """One weight that writes into the residual stream (see :meth:`ModelMap.stream_writers`)."""
+
+    kind: str  # "embed", "pos_embed", "attn" or "mlp"
+    layer: int | None
+    owner: nn.Module
+    attr: str
+    layout: Layout | None  # None for the embeddings (rows of [V, d])
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The owner's bias, where the weight is a module's ``weight`` that has one."""
+        b = getattr(self.owner, "bias", None) if self.attr == "weight" and self.layout is not None else None
+        return b if isinstance(b, torch.Tensor) else None
+
+
 @dataclass
 class ModelMap:
     """The resolved modules of one loaded model (HF modules, never bridge wrappers)."""
@@ -243,6 +263,19 @@ class ModelMap:
                 owner = get_path(self.layers[layer], owner_path, f"layer {layer} {which} output weight") if owner_path else self.layers[layer]
                 out.append((owner, pname, layout))
         return out
+
+    def stream_writers(self) -> Iterator[StreamWriter]:
+        """Every weight that writes into the residual stream, in one order: the token embedding and
+        the learned positions (``kind`` ``"embed"`` / ``"pos_embed"``, rows of ``[V, d]``), then each
+        layer's attention and MLP output weights (``"attn"`` / ``"mlp"``, in their ``layout``). The
+        one walk that baking, the streamed bake and the PEFT export all follow."""
+        for piece in ("embed", "pos_embed"):
+            if getattr(self.spec, piece):
+                yield StreamWriter(piece, None, self.module(piece), "weight", None)
+        for layer in range(self.n_layers):
+            for which in ("attn", "mlp"):
+                for owner, attr, layout in self.write_weights(layer, which):
+                    yield StreamWriter(which, layer, owner, attr, layout)
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:

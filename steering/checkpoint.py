@@ -215,15 +215,13 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
         return f"{qual[id(owner)]}.{attr}" if qual[id(owner)] else attr
 
     plan: dict[str, tuple[str, str]] = {}  # tensor -> (how, layout)
-    for piece in ("embed", "pos_embed"):
-        if getattr(sm.map.spec, piece):
-            plan[name_of(sm.map.module(piece), "weight")] = ("rows", "")
-    for layer in range(sm.n_layers):
-        for which in ("attn", "mlp"):
-            for owner, attr, layout in sm.map.write_weights(layer, which):
-                plan[name_of(owner, attr)] = ("out", layout)
-                if attr == "weight" and isinstance(getattr(owner, "bias", None), torch.Tensor):
-                    plan[name_of(owner, "bias")] = ("rows", "")
+    for sw in sm.map.stream_writers():  # the walk Ablation.bake follows
+        if sw.layout is None:
+            plan[name_of(sw.owner, sw.attr)] = ("rows", "")
+            continue
+        plan[name_of(sw.owner, sw.attr)] = ("out", sw.layout)
+        if sw.bias is not None:
+            plan[name_of(sw.owner, "bias")] = ("rows", "")
     for n in plan:
         if n not in ck:
             raise NotStreamable(f"{n}: the model built from {ck.folder / 'config.json'} has this tensor but the checkpoint "

@@ -109,10 +109,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _load_edits(paths: list[str] | None):
-    from steering.edits import Compose, load_edit
+    from steering.edits import combine, load_edit
 
-    edits = [load_edit(p) for p in paths or []]
-    return None if not edits else edits[0] if len(edits) == 1 else Compose(tuple(edits))
+    return combine(load_edit(p) for p in paths or [])
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

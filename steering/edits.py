@@ -185,18 +185,14 @@ class Ablation(Edit):
         sm = sm if inplace else _copy_model(sm)
         untie_embeddings(sm)
         with torch.no_grad():
-            for piece in ("embed", "pos_embed"):
-                if getattr(sm.map.spec, piece):
-                    w = sm.map.module(piece).weight
+            for sw in sm.map.stream_writers():
+                w = sw.tensor
+                if sw.layout is None:  # an embedding: its rows are stream vectors
                     w.copy_(project_rows(w, self.basis))
-            for layer in range(sm.n_layers):
-                for which in ("attn", "mlp"):
-                    for owner, name, layout in sm.map.write_weights(layer, which):
-                        w = getattr(owner, name)
-                        w.copy_(project_out(w, self.basis, layout))
-                        bias = getattr(owner, "bias", None) if name == "weight" else None
-                        if isinstance(bias, Tensor):
-                            bias.copy_(project_rows(bias[None], self.basis)[0])
+                    continue
+                w.copy_(project_out(w, self.basis, sw.layout))
+                if sw.bias is not None:
+                    sw.bias.copy_(project_rows(sw.bias[None], self.basis)[0])
         return sm
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -214,20 +210,16 @@ class Ablation(Edit):
         names: dict[int, str] = {}
         for n, p in sm.hf.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), n)  # a tied weight keeps its first (embedding) name
-        for piece in ("embed", "pos_embed"):
-            if getattr(sm.map.spec, piece):
-                w = sm.map.module(piece).weight
-                out[names[id(w)]] = ((-(w.double() @ q.T)).float(), q.float())  # ΔW = −W Qᵀ Q  [V, d]
-        for layer in range(sm.n_layers):
-            for which in ("attn", "mlp"):
-                for owner, name, layout in sm.map.write_weights(layer, which):
-                    w = getattr(owner, name).double()
-                    if layout == "out_in":
-                        out[names[id(getattr(owner, name))]] = ((-q.T).float(), (q @ w).float())
-                    elif layout == "in_out":
-                        out[names[id(getattr(owner, name))]] = ((-(w @ q.T)).float(), q.float())
-                    else:
-                        raise ArchitectureError(f"{name}: fused MoE experts have no LoRA form of this edit")
+        for sw in sm.map.stream_writers():
+            key, w = names[id(sw.tensor)], sw.tensor.double()
+            if sw.layout is None:
+                out[key] = ((-(w @ q.T)).float(), q.float())  # ΔW = −W Qᵀ Q  [V, d]
+            elif sw.layout == "out_in":
+                out[key] = ((-q.T).float(), (q @ w).float())
+            elif sw.layout == "in_out":
+                out[key] = ((-(w @ q.T)).float(), q.float())
+            else:
+                raise ArchitectureError(f"{sw.attr}: fused MoE experts have no LoRA form of this edit")
         return out
 
 
@@ -639,6 +631,12 @@ class Compose(Edit):
         for e in self.edits:
             sm = e.bake(sm, inplace=True)
         return sm
+
+
+def combine(edits: Iterable[Edit | None]) -> Edit | None:
+    """The edits given (``None`` left out) as one: ``None``, the edit itself, or their :class:`Compose`."""
+    es = tuple(e for e in edits if e is not None)
+    return None if not es else es[0] if len(es) == 1 else Compose(es)
 
 
 def _from_parts(kind: str, params: dict[str, Any], tensors: dict[str, Tensor]) -> Edit:

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .edits import Compose, Edit
+from .edits import Edit, combine
 from .judge import Judge, substring_judge
 from .model import Model, as_model
 
@@ -150,8 +150,7 @@ def _resolve(setting: Setting, base: Model, cache: dict[str, Model]) -> Model:
 
 
 def _edit(setting: Setting) -> Edit | None:
-    es = [e for e in (*setting.edits, setting.amplify) if e is not None]
-    return None if not es else es[0] if len(es) == 1 else Compose(tuple(es))
+    return combine((*setting.edits, setting.amplify))
 
 
 @torch.inference_mode()

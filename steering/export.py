@@ -132,37 +132,38 @@ def _pieces(edit: Ablation, sm: Model) -> list[_Piece]:
             raise ValueError(f"to_peft: {name}.weight: {type(emb).__name__} is not a plain embedding lookup, "
                              "so a PEFT embedding LoRA cannot express its change")
 
-    for layer in range(sm.n_layers):
-        for which in ("attn", "mlp"):
-            for owner, pname, layout in sm.map.write_weights(layer, which):
-                oname = name_of(owner, f"layer {layer} {which} output")
-                full = f"{oname}.{pname}"
-                w = getattr(owner, pname).detach().double()
-                qd = q.to(w.device)
-                if layout == "experts_out_in":
-                    if w.ndim != 3 or getattr(owner, "is_transposed", False):
-                        raise ValueError(f"to_peft: {full}: expected fused experts [E, d_model, in], got shape "
-                                         f"{tuple(w.shape)}{' (transposed)' if getattr(owner, 'is_transposed', False) else ''}")
-                    if getattr(owner, f"{pname}_bias", None) is not None:
-                        raise ValueError(f"to_peft: {full}_bias: fused expert biases have no LoRA form (and bake leaves them)")
-                    n_exp, k = w.shape[0], q.shape[0]
-                    a = torch.einsum("kd,edn->ekn", qd, w).reshape(n_exp * k, w.shape[2])  # row e·k + j
-                    b = minus_qt[:, :, None].expand(-1, -1, n_exp).reshape(minus_qt.shape[0], k * n_exp)  # col j·E + e
-                    out.append(_Piece(oname, "experts", {f"{oname}.lora_A.weight": _cpu(a),
-                                                         f"{oname}.lora_B.weight": b.contiguous()}, pname))
-                    continue
-                kind = {"out_in": "linear", "in_out": "conv1d"}.get(layout)
-                ok = pname == "weight" and (isinstance(owner, nn.Linear) if kind == "linear"
-                                            else type(owner).__name__ == "Conv1D" if kind == "conv1d" else False)
-                if not ok:
-                    raise ValueError(f"to_peft: {full}: {type(owner).__name__} with layout {layout!r} is not a module "
-                                     "PEFT's LoRA wraps (nn.Linear / transformers Conv1D)")
-                w_dm = w if kind == "linear" else w.T  # [d_model, in]
-                tensors = {f"{oname}.lora_A.weight": _cpu(qd @ w_dm), f"{oname}.lora_B.weight": minus_qt.clone()}
-                bias = getattr(owner, "bias", None)
-                if isinstance(bias, Tensor):  # as bake: the bias loses its component in the span of Q
-                    tensors[f"{oname}.base_layer.bias"] = project_rows(bias.detach()[None], edit.basis)[0].cpu().contiguous()
-                out.append(_Piece(oname, kind, tensors))
+    for sw in sm.map.stream_writers():  # the walk Ablation.bake follows; the embeddings were done above
+        if sw.layout is None:
+            continue
+        layer, which, owner, pname, layout = sw.layer, sw.kind, sw.owner, sw.attr, sw.layout
+        oname = name_of(owner, f"layer {layer} {which} output")
+        full = f"{oname}.{pname}"
+        w = getattr(owner, pname).detach().double()
+        qd = q.to(w.device)
+        if layout == "experts_out_in":
+            if w.ndim != 3 or getattr(owner, "is_transposed", False):
+                raise ValueError(f"to_peft: {full}: expected fused experts [E, d_model, in], got shape "
+                                 f"{tuple(w.shape)}{' (transposed)' if getattr(owner, 'is_transposed', False) else ''}")
+            if getattr(owner, f"{pname}_bias", None) is not None:
+                raise ValueError(f"to_peft: {full}_bias: fused expert biases have no LoRA form (and bake leaves them)")
+            n_exp, k = w.shape[0], q.shape[0]
+            a = torch.einsum("kd,edn->ekn", qd, w).reshape(n_exp * k, w.shape[2])  # row e·k + j
+            b = minus_qt[:, :, None].expand(-1, -1, n_exp).reshape(minus_qt.shape[0], k * n_exp)  # col j·E + e
+            out.append(_Piece(oname, "experts", {f"{oname}.lora_A.weight": _cpu(a),
+                                                 f"{oname}.lora_B.weight": b.contiguous()}, pname))
+            continue
+        kind = {"out_in": "linear", "in_out": "conv1d"}.get(layout)
+        ok = pname == "weight" and (isinstance(owner, nn.Linear) if kind == "linear"
+                                    else type(owner).__name__ == "Conv1D" if kind == "conv1d" else False)
+        if not ok:
+            raise ValueError(f"to_peft: {full}: {type(owner).__name__} with layout {layout!r} is not a module "
+                             "PEFT's LoRA wraps (nn.Linear / transformers Conv1D)")
+        w_dm = w if kind == "linear" else w.T  # [d_model, in]
+        tensors = {f"{oname}.lora_A.weight": _cpu(qd @ w_dm), f"{oname}.lora_B.weight": minus_qt.clone()}
+        bias = getattr(owner, "bias", None)
+        if isinstance(bias, Tensor):  # as bake: the bias loses its component in the span of Q
+            tensors[f"{oname}.base_layer.bias"] = project_rows(bias.detach()[None], edit.basis)[0].cpu().contiguous()
+        out.append(_Piece(oname, kind, tensors))
     return out
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from .edits import Addition, Compose, Edit
+from .edits import Addition, Edit, combine
 from .hooks import SITES
 from .kvcache import cache_kwarg, cache_out
 from .model import Model, as_model
@@ -198,8 +198,7 @@ def generate(model: Any, prompts: Sequence[str], *, unsafe: Any = None, amplify:
         um = as_model(unsafe)  # a Model, an HF model, a folder or a hub name
         check_same_tokenizer(sm, um)
         processors.append(GuidedDecoding(um, gamma, sm._tok().pad_token_id))
-    all_edits = [e for e in (*edits, amplify) if e is not None]
-    edit = None if not all_edits else all_edits[0] if len(all_edits) == 1 else Compose(tuple(all_edits))
+    edit = combine((*edits, amplify))
     with edit.hooks(sm) if edit is not None else contextlib.nullcontext():
         return sm.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            **({"logits_processor": processors} if processors else {}), **gen_kwargs)
