@@ -134,7 +134,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
     import steering as st
     from steering.io import atomic_write
-    from steering.select import select_direction, select_subspace
+    from steering.select import ablation_edit, select_direction
     from steering.vectors import Candidates
 
     out = Path(args.out)
@@ -146,22 +146,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     sel = select_direction(m, cands, harmful, harmless, kl_threshold=args.kl_threshold, affine=args.affine)
     print(sel.table())
-    if sel.pick is None:  # nothing is written for a selection that found nothing
-        raise ValueError("no candidate passed the filters (table above); raise --kl-threshold or give more "
-                         "validation prompts (--limit)")
+    try:  # nothing is written for a selection that found nothing
+        edit, sub = ablation_edit(m, sel, harmful, harmless, subspace=args.subspace, max_rank=args.max_rank,
+                                  kl_threshold=args.kl_threshold, affine=args.affine, offsets_from=args.harmless_val)
+    except ValueError as e:
+        raise ValueError(f"{e}; on the command line: --kl-threshold, or more validation prompts (--limit)") from None
     report = sel.to_json()
-    if args.subspace:
-        sub = select_subspace(m, sel, harmful, harmless, max_rank=args.max_rank, kl_threshold=args.kl_threshold)
-        edit = sub.ablation()
+    if sub is not None:
         report["subspace"] = sub.steps
         print(f"subspace of rank {sub.rank}: " + ", ".join(f"+L{s['layer']}/{s['position']} -> {s['bypass']:.3f}" for s in sub.steps))
     else:
-        edit = sel.ablation()
         print(f"pick: layer {sel.pick[0]}, position {sel.pick[1]}")
     if args.affine:
-        from steering.edits import AffineAblation
-
-        edit = AffineAblation.fit(m, edit.basis, harmless, meta={**edit.meta, "offsets_from": args.harmless_val})
         print(f"affine: coordinates kept at the mean of {len(harmless)} {args.harmless_val} prompts' post-instruction tokens")
     sel.plot(str(stem) + ".png")
     edit.save(out)

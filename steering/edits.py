@@ -6,7 +6,7 @@ the edit is exactly a weight change, ``edit.bake(model)`` returns a baked copy (
 with ``inplace=True``) that gives the same outputs as the hooks.
 
 - :class:`Ablation`: remove a direction, or a low-rank subspace, from the residual stream at every
-  layer's input, attention output and MLP output, at all positions (METHODS §3). Bakes into
+  layer's input, attention output and MLP output, at all positions (Arditi et al.). Bakes into
   weights by orthogonalisation (embeddings, every stream-writing matrix, fused MoE experts, GPT-2
   Conv1D, stream-writing biases); refuses on post-norm families, where no weight edit is exact.
 - :class:`AffineAblation`: the same, but coordinates along the basis are set to harmless prompts'

@@ -1,4 +1,4 @@
-"""Directions from contrasting activations (METHODS §1).
+"""Directions from contrasting activations (Arditi et al., refusal_direction).
 
 - :func:`diff_in_means`: mean over harmful prompts minus mean over harmless prompts, for every
   (layer, post-instruction position) candidate, at the input of each block (Arditi et al.).

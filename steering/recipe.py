@@ -319,23 +319,16 @@ class EditSpec(_Strict):
             from .extract import icv, icv_pairs
 
             return ICVInjection(icv(model, icv_pairs(datasets.load("harmful:train", limit=self.icv.n))), self.icv.beta)
-        from .extract import diff_in_means
-        from .select import select_direction, select_subspace
+        from .select import refusal_ablation
 
         r = self.refusal_ablation
-        cands = diff_in_means(model, datasets.load(r.harmful, limit=r.n), datasets.load(r.harmless, limit=r.n),
-                              positions=r.positions)
         val = [datasets.load(f"{k}:val", limit=r.n_val) for k in ("harmful", "harmless")]
-        sel = select_direction(model, cands, *val, kl_threshold=r.kl_threshold, progress=False, affine=r.affine)
-        if sel.pick is None and not r.subspace:
-            raise ValueError(f"refusal_ablation: no candidate passed the selection filters (kl_threshold {r.kl_threshold})")
-        edit = select_subspace(model, sel, *val, kl_threshold=r.kl_threshold, max_rank=r.max_rank).ablation() \
-            if r.subspace else sel.ablation()
-        if not r.affine:
-            return edit
-        from .edits import AffineAblation
-
-        return AffineAblation.fit(model, edit.basis, val[1], meta={**edit.meta, "offsets_from": "harmless:val"})
+        try:
+            return refusal_ablation(model, datasets.load(r.harmful, limit=r.n), datasets.load(r.harmless, limit=r.n), *val,
+                                    positions=r.positions, kl_threshold=r.kl_threshold, affine=r.affine,
+                                    subspace=r.subspace, max_rank=r.max_rank, offsets_from="harmless:val").edit
+        except ValueError as e:
+            raise ValueError(f"refusal_ablation: {e}") from None
 
 
 class SafeInferSpec(_Strict):

@@ -1,4 +1,5 @@
-"""Choosing the refusal direction among the candidates, as refusal_direction does (METHODS §1).
+"""Choosing the refusal direction among the candidates, as refusal_direction does
+(Arditi et al.).
 
 For every candidate (layer, position):
 - ``bypass``: mean refusal score on harmful validation prompts with the direction ablated
@@ -84,11 +85,22 @@ class Selection:
     max_layer: int
     meta: dict[str, str] = field(default_factory=dict)
 
+    def nothing_passed(self) -> str:
+        """One line for a selection that found nothing: the closest candidate (lowest bypass among
+        those whose scores are numbers) and the filter that discarded it, to relax."""
+        scored = [r for r in self.rows if not math.isnan(r["bypass"])]
+        if not scored:
+            return "no candidate passed the filters: every candidate is a zero vector or scored NaN"
+        r = min(scored, key=lambda r: r["bypass"])
+        return (f"no candidate passed the filters; the closest, layer {r['layer']} position {r['position']} "
+                f"(bypass {r['bypass']:.2f}, kl {r['kl']:.3f}, induce {r['induce']:.2f}), failed: {r['why']} "
+                "(relax that filter: kl_threshold, max_layer_frac or induce_threshold)")
+
     @property
     def direction(self) -> torch.Tensor:
         """The picked candidate, unit norm."""
         if self.pick is None:
-            raise ValueError("no candidate passed the filters; see Selection.table()")
+            raise ValueError(self.nothing_passed())
         r = self.candidates.direction(*self.pick)
         return r / r.norm()
 
@@ -186,6 +198,53 @@ def select_direction(model: Any, candidates: Candidates, harmful_val: Sequence[s
         pick = (best["layer"], best["position"])
     return Selection(candidates, rows, pick, baseline, sm.n_layers, ids, max_layer,
                      {"kl_threshold": str(kl_threshold), "ablation": "affine" if affine else "directional"})
+
+
+def ablation_edit(model: Any, selection: Selection, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
+                  subspace: bool = False, max_rank: int = 8, kl_threshold: float = 0.1, affine: bool = False,
+                  offsets_from: str = "harmless:val") -> tuple[Ablation | AffineAblation, "Subspace | None"]:
+    """The ablation a selection stands for: its pick's direction, or (``subspace``) the low-rank
+    subspace grown from the best candidates; in affine form (coordinates kept at the harmless
+    validation prompts' mean) with ``affine``. Returns the edit and the subspace (or None)."""
+    if selection.pick is None and not subspace:
+        raise ValueError(selection.nothing_passed())
+    sub = select_subspace(model, selection, harmful_val, harmless_val, max_rank=max_rank,
+                          kl_threshold=kl_threshold) if subspace else None
+    edit: Ablation | AffineAblation = sub.ablation() if sub is not None else selection.ablation()
+    if affine:
+        edit = AffineAblation.fit(model, edit.basis, harmless_val, meta={**edit.meta, "offsets_from": offsets_from})
+    return edit, sub
+
+
+@dataclass
+class RefusalAblation:
+    """What :func:`refusal_ablation` found: the edit, and the steps that led to it."""
+
+    edit: Ablation | AffineAblation
+    candidates: Candidates
+    selection: Selection
+    subspace: "Subspace | None" = None
+
+
+def refusal_ablation(model: Any, harmful: Sequence[str], harmless: Sequence[str], harmful_val: Sequence[str],
+                     harmless_val: Sequence[str], *, positions: str = "post_instruction", site: str = "resid_pre",
+                     kl_threshold: float = 0.1, affine: bool = False, subspace: bool = False, max_rank: int = 8,
+                     offsets_from: str = "harmless:val", induce_threshold: float = 0.0, max_layer_frac: float = 0.8,
+                     batch_size: int = 32, progress: bool = False) -> RefusalAblation:
+    """The refusal-direction pipeline in one call: difference-in-means candidates from ``harmful``
+    vs ``harmless`` (:func:`steering.extract.diff_in_means`), the paper's selection on the
+    validation prompts (:func:`select_direction`), and the ablation it stands for
+    (:func:`ablation_edit`). ``steering extract`` + ``steering select`` and the recipes'
+    ``refusal_ablation:`` run the same steps."""
+    from .extract import diff_in_means
+
+    cands = diff_in_means(model, harmful, harmless, site=site, positions=positions, batch_size=batch_size,
+                          progress=progress)
+    sel = select_direction(model, cands, harmful_val, harmless_val, kl_threshold=kl_threshold, affine=affine,
+                           induce_threshold=induce_threshold, max_layer_frac=max_layer_frac, progress=progress)
+    edit, sub = ablation_edit(model, sel, harmful_val, harmless_val, subspace=subspace, max_rank=max_rank,
+                              kl_threshold=kl_threshold, affine=affine, offsets_from=offsets_from)
+    return RefusalAblation(edit, cands, sel, sub)
 
 
 @dataclass

@@ -119,7 +119,7 @@ KNOWN = {("organisms.py", "# Refusals in the phrasings of the substring judge (M
 
 @pytest.mark.parametrize("where", ["steering", "experiments", "tests", "notebooks", "README.md", "pyproject.toml"])
 def test_nothing_points_outside_the_repository(where):
-    pattern = re.compile(r"METHODS\.md|STYLE\.md|\.\./shared|/work/shared")
+    pattern = re.compile(r"\bMETHODS\b|STYLE\.md|\.\./shared|/work/shared")
     path = ROOT / where
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in (".py", ".md", ".ipynb", ".toml", ".yaml")]
     hits = []
