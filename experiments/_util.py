@@ -52,7 +52,7 @@ Written by the `experiments/bench_*.py` scripts, each of which replaces its own 
 sections may come from different runs; each names its command and machine). Every ratio is
 measured side by side in one run; medians of interleaved repeats. Rival tools:
 `pip install -e ".[bench]"` (nnsight, mergekit). What the numbers mean, where targets are missed
-and why: README, "Benchmarks".
+and why: docs/benchmarks.md.
 
 Floors, by benchmark:
 1. Decoding: plain Hugging Face `generate` on the same model, inputs and cache settings.
