@@ -400,7 +400,8 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                     t = tensor(n, orig)
                     if tuple(t.shape) != tuple(orig.shape):
                         raise ValueError(f"{n}: the edit changed its shape from {tuple(orig.shape)} to {tuple(t.shape)}")
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    # only tensors the edit made are checked (no extra pass over the ones it copies)
+                    if t is not orig and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                         raise ValueError(f"{n}: the edit made NaN or infinite values (from finite inputs: "
                                          "check the edit's scale and vectors)" if bool(torch.isfinite(orig).all())
                                          else f"{n}: the source tensor holds NaN or infinite values")
