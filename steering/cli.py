@@ -222,13 +222,16 @@ def add_safeinfer_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--amplify-site", help="where the amplification vector is read and added: mlp_out (default, as "
                                           "the paper) or another hook site, e.g. resid_post")
     g.add_argument("--amplify-scale", type=finite_float, default=1.5, help="0 turns amplification off (default 1.5, as the paper)")
-    g.add_argument("--gamma", type=nonneg_float, default=99.0, help="guidance strength; 0 turns guided decoding off (default 99)")
+    g.add_argument("--gamma", type=nonneg_float, help="guidance strength; 0 turns guided decoding off "
+                                                       "(default: steering.safeinfer.GAMMA, the paper's 99)")
 
 
 def _safeinfer_parts(m, args: argparse.Namespace):
     """(amplification edit or None, unsafe model path or None) from the SafeInfer arguments."""
     from steering import safeinfer
 
+    if args.gamma is None:
+        args.gamma = safeinfer.GAMMA
     if args.gamma and not args.unsafe_model:
         raise ValueError("--safeinfer: guided decoding needs --unsafe-model DIR (or --gamma 0 for amplification alone)")
     site = {"site": args.amplify_site} if args.amplify_site else {}

@@ -49,14 +49,14 @@ METRICS = ("harmful_refusal", "harmless_refusal", "xstest_over_refusal", "xstest
 class Setting:
     """One column of a report. ``model``: None for the evaluated model, or another model / folder
     (a baked checkpoint); ``edits`` are hooked on it; ``unsafe`` / ``amplify`` / ``gamma`` are
-    SafeInfer's (see :mod:`steering.safeinfer`)."""
+    SafeInfer's (see :mod:`steering.safeinfer`; ``gamma=None`` is its default, ``safeinfer.GAMMA``)."""
 
     name: str
     model: Any = None
     edits: Sequence[Edit] = ()
     unsafe: Any = None
     amplify: Edit | None = None
-    gamma: float = 99.0
+    gamma: float | None = None
 
 
 @dataclass
@@ -201,7 +201,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     from tqdm.auto import tqdm
 
     from . import datasets
-    from .safeinfer import GuidedDecoding, check_same_tokenizer
+    from .safeinfer import GAMMA, GuidedDecoding, check_same_tokenizer
     from .safeinfer import generate as si_generate
     from .select import kl_div
 
@@ -231,8 +231,9 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
             unsafe = unsafe_cache[key]
             check_same_tokenizer(m, unsafe)
         row: dict[str, float] = {}
+        gamma = GAMMA if s.gamma is None else s.gamma
         for key, ps in prompts.items():
-            outs = si_generate(m, ps, unsafe=unsafe, amplify=s.amplify, edits=list(s.edits), gamma=s.gamma,
+            outs = si_generate(m, ps, unsafe=unsafe, amplify=s.amplify, edits=list(s.edits), gamma=gamma,
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
             rate = sum(judge(ps, outs)) / len(outs)
             metric = {"harmful": "harmful_refusal", "harmless": "harmless_refusal", "xstest_safe": "xstest_over_refusal",
@@ -241,7 +242,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
             bar.update()
         edit = _edit(s)
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
-            guided = GuidedDecoding(unsafe, s.gamma, m._tok().pad_token_id) if unsafe is not None else None
+            guided = GuidedDecoding(unsafe, gamma, m._tok().pad_token_id) if unsafe is not None else None
             logp = _next_token_logprobs(m, u_prompts, batch_size, guided)
             row["kl"] = kl_div(ref_logp, logp)
             row["ce"] = _cross_entropy(m, u_texts, references, batch_size)

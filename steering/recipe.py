@@ -336,7 +336,7 @@ class SafeInferSpec(_Strict):
     amplify_layer: int | None = None
     amplify_scale: float = 1.5
     amplify_site: str = "mlp_out"
-    gamma: float = 99.0
+    gamma: float | None = None  # None: safeinfer.GAMMA, the paper's
 
 
 class ModelSpec(_Strict):
@@ -410,7 +410,7 @@ class EvalRecipe(_Strict):
                 if si.amplify_scale:
                     kw["amplify"] = safeinfer.amplifier(target, layer=si.amplify_layer, scale=si.amplify_scale,
                                                           site=si.amplify_site)
-                if si.gamma and si.unsafe:
+                if si.gamma != 0 and si.unsafe:
                     kw.update(unsafe=load(resolve(si.unsafe)), gamma=si.gamma)
             settings.append(Setting(s.name, model=other, edits=edits, **kw))
         report = evaluate(model, settings, limit=self.limit, n_utility=self.n_utility, max_new_tokens=self.max_new_tokens,
