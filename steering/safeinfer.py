@@ -66,6 +66,7 @@ class GuidedDecoding(LogitsProcessor):
         self.unsafe = as_model(unsafe)
         self.gamma = float(gamma)
         self.pad = self.unsafe._tok().pad_token_id if pad_token_id is None else pad_token_id
+        self._cache_name = cache_kwarg(self.unsafe.hf)  # once, not per decoding step
         self._ids: Tensor | None = None
         self._past: Any = None
         self._mask: Tensor | None = None
@@ -88,7 +89,7 @@ class GuidedDecoding(LogitsProcessor):
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
             pos = self._mask.sum(1, keepdim=True) - 1
             out = hf(input_ids=input_ids[:, -1:].to(dev), attention_mask=self._mask, position_ids=pos,
-                     use_cache=True, **{cache_kwarg(hf): self._past})
+                     use_cache=True, **{self._cache_name: self._past})
         else:  # a new prompt (or a model whose cache is broken): leading pad tokens are masked out
             ids = input_ids.to(dev)
             real = ids != self.pad if self.pad is not None else torch.ones_like(ids, dtype=torch.bool)

@@ -96,8 +96,6 @@ class TaskVector:
         for n in names:
             if b.shape(n) != f.shape(n):
                 raise ValueError(f"{n}: shape {b.shape(n)} in base {b.path} but {f.shape(n)} in fine-tune {f.path}")
-            if b.dtype(n) != f.dtype(n):
-                raise ValueError(f"{n}: dtype {b.dtype(n)} in base {b.path} but {f.dtype(n)} in fine-tune {f.path}")
         return _Diff(b, f, names)
 
     @staticmethod
