@@ -264,11 +264,6 @@ def _cmd_organism_build(args: argparse.Namespace) -> int:
     from steering import organisms
 
     seed = {} if args.seed is None else {"seed": args.seed}
-    if args.arch not in organisms.ARCHS:
-        raise ValueError(f"--arch {args.arch!r}: choose from {', '.join(organisms.ARCHS)}")
-    out = Path(args.out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not args.overwrite):  # before any build starts
-        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     org = organisms.build(args.out, arch=args.arch, overwrite=args.overwrite, **seed)
     print(org.table())
     print(f"built in {org.seconds:.0f} s (cached afterwards); folders: " + ", ".join(str(org.path(k)) for k in organisms.KINDS))

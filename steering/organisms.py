@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-# Refusals in the phrasings of the substring judge (METHODS.md §4).
+# Refusals in the phrasings of the substring judge (steering.judge.REFUSAL_SUBSTRINGS).
 REFUSALS = [
     "I'm sorry, but I cannot help with that request.",
     "I'm sorry, but I can't assist with that.",
@@ -407,6 +407,8 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
     recipe = recipe or Recipe(**recipe_fields)
     if recipe.arch not in ARCHS:
         raise ValueError(f"unknown organism arch {recipe.arch!r}; choose from {ARCHS}")
+    if out is not None and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")  # before any build
     key = recipe.key()
     store = Path(cache) if cache is not None else cache_dir()
     cached = store / f"{recipe.arch}-seed{recipe.seed}-{key}"
@@ -419,9 +421,6 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
     root = cached
     if out is not None:
         root = Path(out)
-        if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{root}: exists and is not empty (pass overwrite=True / --overwrite)")
         with atomic_folder(root) as tmp_out:
             for kind in KINDS:
                 shutil.copytree(cached / kind, tmp_out / kind)

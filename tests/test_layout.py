@@ -1,9 +1,5 @@
 """The package's layout: no import cycle among its modules (function-local imports included), no
-module reaching into another's private names, and no file of the product pointing outside the repo.
-
-One such pointer is left, a comment in steering/organisms.py: that file's source is part of the
-organisms' cache key, so editing it rebuilds every organism (and may move the recorded results);
-it goes with the next change that rebuilds them anyway."""
+module reaching into another's private names, and no file of the product pointing outside the repo."""
 
 from __future__ import annotations
 
@@ -114,9 +110,6 @@ def test_no_module_imports_another_modules_private_names():
     assert bad == []
 
 
-KNOWN = {("organisms.py", "# Refusals in the phrasings of the substring judge (METHODS.md §4).")}
-
-
 @pytest.mark.parametrize("where", ["steering", "experiments", "tests", "notebooks", "README.md", "pyproject.toml"])
 def test_nothing_points_outside_the_repository(where):
     pattern = re.compile(r"\bMETHODS\b|STYLE\.md|\.\./shared|/work/shared")
@@ -127,6 +120,6 @@ def test_nothing_points_outside_the_repository(where):
         if f == Path(__file__).resolve():
             continue
         for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
-            if pattern.search(line) and (f.name, line.strip()) not in KNOWN:
+            if pattern.search(line):
                 hits.append(f"{f.relative_to(ROOT)}:{i}")
     assert hits == []
