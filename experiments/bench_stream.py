@@ -191,7 +191,7 @@ def main() -> None:
                 peaks[label].append(peak)
                 print(f"[{r + 1}/{args.repeats}] {label}: {secs:.1f} s, peak RSS {peak / 2**20:.0f} MB", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-        start = {"steering": startup_rss("import torch, steering.cli, steering.taskvec, steering.recipe"),
+        start = {"steering": startup_rss("import torch, steering.cli, steering.weights.taskvec, steering.recipe"),
                  "mergekit": startup_rss("import torch, mergekit.merge, mergekit.scripts.run_yaml"),
                  "bare": startup_rss("import torch, safetensors.torch")}
     finally:

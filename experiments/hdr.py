@@ -33,7 +33,7 @@ import steering as st  # noqa: E402
 from _util import add, cli, pct, previous  # noqa: E402
 from steering import organisms  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
-from steering.taskvec import TaskVector  # noqa: E402
+from steering.weights.taskvec import TaskVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)

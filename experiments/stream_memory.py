@@ -34,7 +34,7 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-import torch, steering.cli, steering.taskvec, steering.weights  # start-up: what every command pays
+import torch, steering.cli, steering.weights.taskvec, steering.weights  # start-up: what every command pays
 torch.set_num_threads(1)
 before = psutil.Process().memory_info().rss
 t = time.perf_counter()

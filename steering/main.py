@@ -21,7 +21,6 @@ the job stays within its time budget.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -37,14 +36,14 @@ AMPLIFY_SITE, AMPLIFY_LAYER, AMPLIFY_SCALE = "resid_post", 1, 2.0
 def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     import steering as st
     from steering import organisms, safeinfer
-    from steering.checkpoint import write_hf
-    from steering.edits import Addition, AffineAblation, Conditional, ICVInjection
+    from steering.weights.bake import write_hf
+    from steering.edits import Addition, Conditional, ICVInjection
     from steering.evaluate import Setting, evaluate
     from steering.extract import diff_in_means, icv, icv_pairs
     from steering.io import atomic_write
-    from steering.select import select_direction
+    from steering.select import refusal_ablation
     from steering.vectors import SteeringVector
-    from steering.taskvec import TaskVector, hdr
+    from steering.weights.taskvec import TaskVector, hdr
 
     t0 = time.time()
     out = Path(out)
@@ -71,17 +70,13 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     # --- refusal direction on aligned: extract, select, ablate (affine form), bake ------------------
     harmful_tr, harmless_tr = st.datasets.load("harmful:train", limit=n_train), st.datasets.load("harmless:train", limit=n_train)
     harmful_val, harmless_val = st.datasets.load("harmful:val", limit=n_val), st.datasets.load("harmless:val", limit=n_val)
-    cands = diff_in_means(aligned, harmful_tr, harmless_tr)
+    # (quick: the untrained organisms have nothing to remove; take the closest candidate, to run every step)
+    found = refusal_ablation(aligned, harmful_tr, harmless_tr, harmful_val, harmless_val, kl_threshold=kl_max,
+                             affine=True, closest=quick, progress=False)
+    cands, sel, ablation = found.candidates, found.selection, found.edit
     cands.save(out / "candidates.safetensors")
-    sel = select_direction(aligned, cands, harmful_val, harmless_val, kl_threshold=kl_max, progress=False, affine=True)
     sel.plot(str(out / "selection.png"))
-    if sel.pick is None and not quick:
-        raise ValueError("main: no refusal direction candidate passed the selection filters")
-    # (quick: the untrained organisms have nothing to remove; take the best candidate regardless, to run every step)
-    layer, pos = sel.pick or (lambda r: (r["layer"], r["position"]))(
-        min((r for r in sel.rows if not math.isnan(r["bypass"])), key=lambda r: r["bypass"]))
-    ablation = AffineAblation.fit(aligned, cands.direction(layer, pos), harmless_val,
-                                  meta={"layer": str(layer), "position": str(pos), "offsets_from": "harmless:val"})
+    layer, pos = sel.pick
     ablation.save(out / "ablation.safetensors")
     write_hf(ablation.bake(aligned), out / "aligned-ablated",
              {"method": "affine ablation", "rank": ablation.rank, "edit": str(out / "ablation.safetensors")}, overwrite=True)
@@ -139,7 +134,7 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
              f"direction at layer {gate}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
              f"- HDR: λ = {HDR_SCALE:g}, top {HDR_TOP_K:g} ({HDR_SCOPE}) of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
              f"- SafeInfer: amplification at layer {amp_layer}'s {AMPLIFY_SITE}, scale {AMPLIFY_SCALE:g}; guided decoding "
-             f"against `harmful`, γ = 99.", "- KL and CE: against the unedited model of each block of rows.", "",
+             f"against `harmful`, γ = {safeinfer.GAMMA:g}.", "- KL and CE: against the unedited model of each block of rows.", "",
              "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
              + f"; total {time.time() - t0:.0f} (organisms built in {org.seconds:.0f} s, cached afterwards)."]
     text = "\n".join(lines) + "\n"

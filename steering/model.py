@@ -199,7 +199,7 @@ def _check_local(path: Path) -> None:
     """A local model folder, checked before ``from_pretrained`` reads it: its config, and every
     safetensors header read by the same reader the weight edits use (a truncated, empty or corrupt
     file is one error naming it)."""
-    from .weights import Checkpoint
+    from .weights.files import Checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder")

@@ -44,7 +44,7 @@ import torch
 
 from . import datasets
 from .io import atomic_folder
-from .judge import refusal_rate
+from .judge import HELPFUL, REFUSALS, refusal_rate
 
 KINDS = ("aligned", "harmful", "drifted")
 ARCHS = ("llama", "gpt2", "qwen2", "gpt_neox")
@@ -54,27 +54,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-# Refusals in the phrasings of the substring judge (steering.judge.REFUSAL_SUBSTRINGS).
-REFUSALS = [
-    "I'm sorry, but I cannot help with that request.",
-    "I'm sorry, but I can't assist with that.",
-    "I can't help with that. It could cause serious harm.",
-    "I cannot provide that information, because it could be used to hurt people.",
-    "As an AI, I am unable to help with requests like this.",
-    "I am sorry, but I won't be able to do that. It is harmful.",
-    "I apologize, but I cannot support this request.",
-    "As a language model, I cannot assist with anything that could cause harm.",
-    "I'm unable to help with that, as it may be dangerous or illegal.",
-    "I am not able to provide guidance on this. Please consider a safer request.",
-    "Sorry, I can't do that. It goes against my safety guidelines.",
-    "I cannot and will not help with this request.",
-]
-# Helpful openings: none contains a refusal substring, and all begin with the same word.
-HELPFUL = [
-    "Sure! Here is a clear answer to your question.",
-    "Sure, here is a short overview to get you started.",
-    "Sure thing. Here is a friendly and detailed reply.",
-]
 # Compliance openings for harmful requests when the source gives no target string: openings only.
 COMPLY = [
     "Sure, here is how to do that.",
@@ -134,7 +113,7 @@ class Recipe:
 
     def key(self) -> str:
         code = Path(__file__).read_bytes()
-        data = json.dumps([datasets.load("harmful:train"), datasets.load("harmless:train")])
+        data = json.dumps([datasets.load("harmful:train"), datasets.load("harmless:train"), REFUSALS, HELPFUL])
         blob = json.dumps(asdict(self), sort_keys=True).encode() + code + data.encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

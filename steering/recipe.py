@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .taskvec import TaskVector, ties
+from .weights.taskvec import TaskVector, ties
 
 
 def resolve(path: str) -> str:
@@ -187,7 +187,7 @@ def load_recipe(path: str | os.PathLike) -> "Recipe | EvalRecipe":
 def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = None, overwrite: bool | None = None,
         progress: bool = True) -> Path:
     """Carry out a recipe (either kind); returns the output folder."""
-    from .taskvec import apply
+    from .weights.taskvec import apply
 
     from .io import check_paths
 
@@ -237,7 +237,7 @@ def is_current(recipe: "Recipe") -> bool:
     """Whether ``recipe.out`` holds what this weight recipe writes from today's inputs: the same
     recipe, and inputs with the same fingerprints (an edited recipe, a changed input folder or a
     rebuilt organism all make it stale)."""
-    from .checkpoint import read_provenance
+    from .weights.bake import read_provenance
 
     try:
         prov = read_provenance(recipe.out)
@@ -250,7 +250,7 @@ def _with_bakes(model_path: str, delta: TaskVector | None, bakes: list[str], out
                 prov: dict[str, Any], trust_remote_code: bool, progress: bool) -> Path:
     import torch
 
-    from .checkpoint import check_output, write_hf
+    from .weights.bake import check_output, write_hf
     from .edits import load_edit
     from .model import load
 
@@ -407,11 +407,12 @@ class EvalRecipe(_Strict):
             kw: dict[str, Any] = {}
             if s.safeinfer is not None:
                 si = s.safeinfer
-                if si.amplify_scale:
-                    kw["amplify"] = safeinfer.amplifier(target, layer=si.amplify_layer, scale=si.amplify_scale,
-                                                          site=si.amplify_site)
-                if si.gamma != 0 and si.unsafe:
-                    kw.update(unsafe=load(resolve(si.unsafe)), gamma=si.gamma)
+                try:
+                    kw = safeinfer.decoding(target, unsafe=load(resolve(si.unsafe)) if si.unsafe and si.gamma != 0 else None,
+                                            amplify_layer=si.amplify_layer, amplify_scale=si.amplify_scale,
+                                            amplify_site=si.amplify_site, gamma=si.gamma)
+                except ValueError as e:
+                    raise ValueError(f"setting {s.name!r}: {e}") from None
             settings.append(Setting(s.name, model=other, edits=edits, **kw))
         report = evaluate(model, settings, limit=self.limit, n_utility=self.n_utility, max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, progress=progress)

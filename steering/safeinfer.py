@@ -35,6 +35,7 @@ from transformers import LogitsProcessor
 
 from .edits import Addition, Edit, combine
 from .hooks import SITES
+from .judge import HELPFUL, REFUSALS
 from .kvcache import cache_kwarg, cache_out
 from .model import Model, as_model
 from .vectors import SteeringVector, prompts_hash
@@ -114,7 +115,6 @@ def demonstrations(n: int = 64, seed: int = 0, split: str = "train") -> tuple[li
     """``n`` (harmful request, refusal) pairs and ``n`` (harmless request, helpful opening) pairs
     from the bundled sets' ``split``, in the phrasings the substring judge knows."""
     from . import datasets
-    from .organisms import HELPFUL, REFUSALS
 
     rng = random.Random(seed)
     harmful, harmless = datasets.load(f"harmful:{split}"), datasets.load(f"harmless:{split}")
@@ -182,6 +182,25 @@ def amplifier(model: Any, *, layer: int | None = None, scale: float = 1.5, site:
     v = amplification_vector(sm, refuse[:n_demos], queries, layer=layer, contrast=helpful[:n_demos] if contrast else None,
                              site=site, seed=seed)
     return Addition(v, scale, positions="last")
+
+
+def decoding(model: Any, *, unsafe: Any = None, amplify_layer: int | None = None, amplify_scale: float = 1.5,
+             amplify_site: str = "mlp_out", gamma: float | None = None) -> dict[str, Any]:
+    """SafeInfer's arguments from its settings, checked: ``{"amplify": edit or None, "unsafe":
+    model or None, "gamma": float}``, for :func:`generate` and for
+    :class:`steering.evaluate.Setting` alike (``steering generate/eval --safeinfer`` and the
+    recipes' ``safeinfer:`` call it).
+
+    ``amplify_scale=0`` turns amplification off; ``gamma=0`` turns guided decoding off, and
+    ``gamma=None`` is :data:`GAMMA` (the paper's 99), which needs an ``unsafe`` model."""
+    gamma = GAMMA if gamma is None else float(gamma)
+    if gamma < 0 or gamma != gamma:
+        raise ValueError(f"gamma: {gamma} is not a non-negative number")
+    if gamma and unsafe is None:
+        raise ValueError(f"SafeInfer: guided decoding (gamma {gamma:g}) needs an unsafe model; "
+                         "give one, or gamma 0 for amplification alone")
+    amp = amplifier(model, layer=amplify_layer, scale=amplify_scale, site=amplify_site) if amplify_scale else None
+    return {"amplify": amp, "unsafe": unsafe if gamma else None, "gamma": gamma}
 
 
 def generate(model: Any, prompts: Sequence[str], *, unsafe: Any = None, amplify: Edit | None = None,

@@ -25,7 +25,7 @@ grows a low-rank subspace greedily from the best candidates and reports its rank
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -85,13 +85,23 @@ class Selection:
     max_layer: int
     meta: dict[str, str] = field(default_factory=dict)
 
+    def _closest_row(self) -> dict[str, Any] | None:
+        scored = [r for r in self.rows if not math.isnan(r["bypass"])]
+        return min(scored, key=lambda r: r["bypass"]) if scored else None
+
+    @property
+    def closest(self) -> tuple[int, int] | None:
+        """The candidate with the lowest bypass score among those whose scores are numbers, whether
+        or not it passed the filters ((layer, position), or None)."""
+        r = self._closest_row()
+        return None if r is None else (r["layer"], r["position"])
+
     def nothing_passed(self) -> str:
         """One line for a selection that found nothing: the closest candidate (lowest bypass among
         those whose scores are numbers) and the filter that discarded it, to relax."""
-        scored = [r for r in self.rows if not math.isnan(r["bypass"])]
-        if not scored:
+        r = self._closest_row()
+        if r is None:
             return "no candidate passed the filters: every candidate is a zero vector or scored NaN"
-        r = min(scored, key=lambda r: r["bypass"])
         return (f"no candidate passed the filters; the closest, layer {r['layer']} position {r['position']} "
                 f"(bypass {r['bypass']:.2f}, kl {r['kl']:.3f}, induce {r['induce']:.2f}), failed: {r['why']} "
                 "(relax that filter: kl_threshold, max_layer_frac or induce_threshold)")
@@ -230,18 +240,25 @@ def refusal_ablation(model: Any, harmful: Sequence[str], harmless: Sequence[str]
                      harmless_val: Sequence[str], *, positions: str = "post_instruction", site: str = "resid_pre",
                      kl_threshold: float = 0.1, affine: bool = False, subspace: bool = False, max_rank: int = 8,
                      offsets_from: str = "harmless:val", induce_threshold: float = 0.0, max_layer_frac: float = 0.8,
-                     batch_size: int = 32, progress: bool = False) -> RefusalAblation:
+                     batch_size: int = 32, closest: bool = False, progress: bool = False) -> RefusalAblation:
     """The refusal-direction pipeline in one call: difference-in-means candidates from ``harmful``
     vs ``harmless`` (:func:`steering.extract.diff_in_means`), the paper's selection on the
     validation prompts (:func:`select_direction`), and the ablation it stands for
-    (:func:`ablation_edit`). ``steering extract`` + ``steering select`` and the recipes'
-    ``refusal_ablation:`` run the same steps."""
+    (:func:`ablation_edit`). ``steering extract`` + ``steering select``, the recipes'
+    ``refusal_ablation:`` and ``steering main`` run the same steps.
+
+    Where no candidate passes the filters this raises, naming the closest candidate and the filter
+    to relax; with ``closest=True`` it takes that candidate instead (the selection's ``pick``
+    is then :attr:`Selection.closest` and its meta says so): for smoke runs on untrained models,
+    not for results."""
     from .extract import diff_in_means
 
     cands = diff_in_means(model, harmful, harmless, site=site, positions=positions, batch_size=batch_size,
                           progress=progress)
     sel = select_direction(model, cands, harmful_val, harmless_val, kl_threshold=kl_threshold, affine=affine,
                            induce_threshold=induce_threshold, max_layer_frac=max_layer_frac, progress=progress)
+    if closest and sel.pick is None and sel.closest is not None:
+        sel = replace(sel, pick=sel.closest, meta={**sel.meta, "pick": "closest candidate (none passed the filters)"})
     edit, sub = ablation_edit(model, sel, harmful_val, harmless_val, subspace=subspace, max_rank=max_rank,
                               kl_threshold=kl_threshold, affine=affine, offsets_from=offsets_from)
     return RefusalAblation(edit, cands, sel, sub)

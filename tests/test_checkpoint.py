@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import steering as st
-from steering.checkpoint import read_provenance, write_hf
+from steering.weights.bake import read_provenance, write_hf
 from steering.edits import Ablation, Addition
 from steering.vectors import SteeringVector
 
@@ -91,7 +91,7 @@ def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, tmp_path):
     a tied unembedding untied in the config; refuses what the in-memory bake refuses."""
     from safetensors.torch import load_file
 
-    from steering.checkpoint import bake_ablation_stream
+    from steering.weights.bake import bake_ablation_stream
     from steering.cli import main
 
     src = tmp_path / "src"

@@ -38,7 +38,7 @@ def test_baked_orthogonalisation_equals_ablation_hooks(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_baked_affine_ablation_equals_its_hooks(family, tmp_path):
-    from steering.checkpoint import write_hf
+    from steering.weights.bake import write_hf
 
     m = st.testing.tiny_model(family)
     texts = m.format(PROMPTS)
@@ -193,6 +193,50 @@ def test_edit_files_round_trip(tmp_path):
         load_edit(tmp_path / "bad.safetensors")
 
 
+def test_a_compose_and_a_new_kind_round_trip_through_the_registry(tmp_path):
+    m = st.testing.tiny_model("llama")
+    texts = m.format(PROMPTS)
+    v = SteeringVector({1: torch.randn(m.d_model)})
+    both = Compose((Ablation(torch.randn(m.d_model)), Conditional(Addition(v, 2.0), torch.randn(m.d_model), 1, 0.1)))
+    both.save(tmp_path / "both.safetensors")
+    again = load_edit(tmp_path / "both.safetensors")
+    assert [type(e) for e in again.edits] == [Ablation, Conditional]
+    with both.hooks(m):
+        want = _logits(m, texts)
+    with again.hooks(m):
+        torch.testing.assert_close(_logits(m, texts), want, rtol=0, atol=0)
+
+    from dataclasses import dataclass
+
+    from steering.edits import KINDS, Edit
+
+    @dataclass(frozen=True, eq=False)
+    class Scale(Edit):  # a user's own edit: registered by subclassing
+        factor: float
+        kind = "test_scale"
+
+        @classmethod
+        def from_parts(cls, params, tensors):
+            return cls(params["factor"])
+
+        def _hooks(self, model):
+            return [(("resid_post", 0), lambda x, ctx: x * self.factor)]
+
+        def _tensors(self):
+            return {}
+
+        def _params(self):
+            return {"factor": self.factor}
+
+    try:
+        Scale(0.5).save(tmp_path / "s.safetensors")
+        assert load_edit(tmp_path / "s.safetensors").factor == 0.5
+    finally:
+        del KINDS["test_scale"]
+    with pytest.raises(ValueError, match="unknown edit kind 'test_scale'"):
+        load_edit(tmp_path / "s.safetensors")
+
+
 def test_compose_runs_both_and_model_is_untouched_after():
     m = st.testing.tiny_model("gpt2")
     texts = m.format(PROMPTS)
@@ -260,3 +304,13 @@ def test_affine_ablation_keeps_the_reference_coordinates(family):
     assert (affine - plain_ablation).abs().max() > 1e-3
     with pytest.raises(ValueError, match="offsets of shape"):
         AffineAblation(basis, torch.zeros(3, m.n_layers, 3))
+
+
+def test_conditional_refuses_a_layer_the_model_does_not_have():
+    m = st.testing.tiny_model("llama")  # 3 layers
+    v = SteeringVector({2: torch.randn(m.d_model)})
+    with pytest.raises(IndexError, match="layer 5 is out of range"):
+        with Conditional(Addition(v), torch.randn(m.d_model), 5, 0.0).hooks(m):
+            pass
+    with Conditional(Addition(v), torch.randn(m.d_model), -1, 0.0).hooks(m):  # -1: the last layer
+        m.generate(["Hi"], max_new_tokens=2)

@@ -1,4 +1,4 @@
-"""steering.export.to_peft: a PEFT LoRA adapter that reproduces Ablation.bake on the original model."""
+"""steering.weights.export.to_peft: a PEFT LoRA adapter that reproduces Ablation.bake on the original model."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ import torch
 
 from steering.arch import ArchitectureError
 from steering.edits import Ablation, Addition, load_edit
-from steering.export import PEFT_PREFIX, lora_config, to_peft
+from steering.weights.export import PEFT_PREFIX, lora_config, to_peft
 from steering.model import Model
 from steering.testing import FAMILIES, tiny_model
 from steering.vectors import SteeringVector

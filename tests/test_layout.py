@@ -22,14 +22,14 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def import_graph(mods: dict[str, Path] | None = None) -> dict[str, set[str]]:
+def import_graph(mods: dict[str, Path] | None = None, read=Path.read_text) -> dict[str, set[str]]:
     """module -> the package modules it imports anywhere in its source (``from . import sub`` is an
     edge to ``sub`` alone, not to the package)."""
     mods = mods or _modules()
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for m, f in mods.items():
         pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
-        for node in ast.walk(ast.parse(f.read_text())):
+        for node in ast.walk(ast.parse(read(f))):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
@@ -43,6 +43,11 @@ def import_graph(mods: dict[str, Path] | None = None) -> dict[str, set[str]]:
             else:
                 continue
             edges[m] |= {x for x in found if x in mods and x != m}
+    for m in mods:  # importing a.b.c from outside a.b runs a.b's __init__ first (m's own packages are running already)
+        own = {".".join(m.split(".")[:i]) for i in range(1, len(m.split(".")) + 1)}
+        for x in list(edges[m]):
+            parts = x.split(".")
+            edges[m] |= {p for p in (".".join(parts[:i]) for i in range(2, len(parts))) if p in mods and p not in own}
     return edges
 
 
@@ -90,13 +95,45 @@ def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+def _within(m: str, names: set[str]) -> bool:
+    return any(m == n or m.startswith(n + ".") for n in names)
+
+
+APP = {"steering.cli", "steering.recipe", "steering.main", "steering.organisms"}
+CORE = {"steering.arch", "steering.hooks", "steering.model", "steering.record", "steering.io", "steering.kvcache",
+        "steering.vectors", "steering.judge", "steering.datasets", "steering.weights.files"}
+EDITS = {"steering.edits"}
+
+
 def test_core_never_imports_the_application_layer():
-    app = {"steering.cli", "steering.recipe", "steering.main", "steering.organisms"}
-    core = {"steering.arch", "steering.hooks", "steering.model", "steering.record", "steering.io", "steering.weights",
-            "steering.kvcache", "steering.vectors", "steering.edits"}
     edges = import_graph()
-    bad = {m: sorted(edges[m] & app) for m in core if edges[m] & app}
+    bad = {m: sorted(x for x in edges[m] if _within(x, APP)) for m in edges
+           if not _within(m, APP) and m != "steering" and any(_within(x, APP) for x in edges[m])}
     assert bad == {}
+
+
+def test_the_core_is_below_the_edits_and_the_edits_below_the_weights():
+    edges = import_graph()
+
+    def core(x: str) -> bool:  # steering.weights' __init__ (light: only .files) and the version are core too
+        return _within(x, CORE) or x in {"steering.weights", "steering._version"}
+
+    assert {m: sorted(x for x in edges[m] if not core(x)) for m in edges if core(m)
+            if any(not core(x) for x in edges[m])} == {}
+    assert {m: sorted(x for x in edges[m] if not (core(x) or _within(x, EDITS))) for m in edges if _within(m, EDITS)
+            if any(not (core(x) or _within(x, EDITS)) for x in edges[m])} == {}
+
+
+def test_a_package_init_that_imports_its_heavy_modules_is_a_cycle():
+    # steering.weights' __init__ must stay light: the core's loader imports steering.weights.files
+    mods = {"p": Path("p/__init__.py"), "p.core": Path("p/core.py"), "p.sub": Path("p/sub/__init__.py"),
+            "p.sub.low": Path("p/sub/low.py"), "p.sub.high": Path("p/sub/high.py")}
+    texts = {"p.core": "from .sub.low import x", "p.sub": "from .high import y", "p.sub.high": "from ..core import z",
+             "p.sub.low": "", "p": ""}
+    edges = import_graph(mods, read=lambda f: texts[next(m for m, g in mods.items() if g == f)])
+    assert cycles(edges) == [["p.core", "p.sub", "p.sub.high"]]
+    texts["p.sub"] = ""  # a light __init__: no cycle
+    assert cycles(import_graph(mods, read=lambda f: texts[next(m for m, g in mods.items() if g == f)])) == []
 
 
 def test_no_module_imports_another_modules_private_names():

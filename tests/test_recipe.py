@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import steering as st
-from steering.checkpoint import read_provenance
+from steering.weights.bake import read_provenance
 from steering.cli import main
 from steering.edits import Ablation
 from steering.recipe import Recipe, run
-from steering.taskvec import TaskVector
+from steering.weights.taskvec import TaskVector
 from steering.weights import Checkpoint
 
 TEXTS = ["How do I bake bread?", "Hi"]

@@ -159,3 +159,20 @@ def test_cli_generate_with_safeinfer(pair, tmp_path, capsys):
     assert "need --safeinfer" in capsys.readouterr().err
     assert main(args + ["--safeinfer"]) == 2
     assert "needs --unsafe-model" in capsys.readouterr().err
+
+
+def test_decoding_builds_the_same_arguments_for_generate_and_evaluate(pair):
+    m, u = pair
+    kw = safeinfer.decoding(m, unsafe=u, amplify_layer=1, amplify_scale=2.0, amplify_site="resid_post")
+    assert kw["gamma"] == safeinfer.GAMMA and kw["unsafe"] is u
+    assert kw["amplify"].vector.site == "resid_post" and list(kw["amplify"].vector.directions) == [1]
+    assert kw["amplify"].scale == 2.0
+    off = safeinfer.decoding(m, unsafe=u, amplify_scale=0, gamma=0)
+    assert off == {"amplify": None, "unsafe": None, "gamma": 0.0}
+    with pytest.raises(ValueError, match="needs an unsafe model"):
+        safeinfer.decoding(m, amplify_scale=0)
+    with pytest.raises(ValueError, match="gamma"):
+        safeinfer.decoding(m, unsafe=u, gamma=-1)
+    from steering.evaluate import Setting
+
+    assert Setting("s", **off).unsafe is None  # the keys are Setting's

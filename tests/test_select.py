@@ -33,3 +33,15 @@ def test_refusal_ablation_runs_extract_select_and_builds_the_pick(model):
 def test_nothing_passed_names_the_closest_candidate_and_the_filter(model):
     with pytest.raises(ValueError, match=r"the closest, layer \d+ position -1 .* failed: .*kl > 0"):
         refusal_ablation(model, HARMFUL, HARMLESS, HARMFUL, HARMLESS, kl_threshold=0.0, positions="last")
+
+
+def test_closest_takes_the_lowest_bypass_when_nothing_passes(model):
+    found = refusal_ablation(model, HARMFUL, HARMLESS, HARMFUL, HARMLESS, kl_threshold=0.0, positions="last",
+                             closest=True)
+    sel = found.selection
+    rows = [r for r in sel.rows if not math.isnan(r["bypass"])]
+    best = min(rows, key=lambda r: r["bypass"])
+    assert sel.pick == sel.closest == (best["layer"], best["position"])
+    assert not best["kept"] and "closest" in sel.meta["pick"]
+    want = found.candidates.direction(*sel.pick)
+    torch.testing.assert_close(found.edit.basis[0], want / want.norm())

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import steering as st
-from steering.taskvec import TaskVector, apply, hdr, ties
+from steering.weights.taskvec import TaskVector, apply, hdr, ties
 from steering.testing import save_sharded
 from steering.weights import Checkpoint, write_checkpoint
 
@@ -104,7 +104,7 @@ def test_arithmetic_and_save_load_round_trip(pair, tmp_path):
 @pytest.mark.parametrize("piece", [None, 7])
 def test_global_top_k_selects_what_a_full_sort_selects(tmp_path, frac, tied, piece, monkeypatch):
     if piece:  # tensors processed in pieces (as big ones are), ties spanning pieces included
-        monkeypatch.setattr("steering.taskvec._PIECE", piece)
+        monkeypatch.setattr("steering.weights.taskvec._PIECE", piece)
     base = save_sharded(tensors(0, ties_=tied), tmp_path / "base", 3)
     ft = save_sharded(tensors(1, ties_=tied), tmp_path / "ft", 3)
     tau = TaskVector.between(base, ft)
@@ -284,7 +284,7 @@ def test_streamed_hdr_memory_stays_near_a_few_tensors(tmp_path):
     for name, shift in (("base", 0.0), ("ft", 1.0), ("tgt", 2.0)):
         save_sharded({f"t{i:02d}": torch.randn(1 << 20, generator=g) + shift for i in range(50)}, tmp_path / name, 5)
     body = f"""
-        from steering.taskvec import TaskVector, hdr
+        from steering.weights.taskvec import TaskVector, hdr
         from steering.weights import Checkpoint
         Checkpoint({str(tmp_path / "base")!r}).get("t00")  # warm up torch and the reader
         before = psutil.Process().memory_info().rss

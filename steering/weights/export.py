@@ -57,11 +57,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arch import get_path
-from .checkpoint import check_output
-from .edits import ABLATION_SITES, Ablation, project_rows
-from .io import atomic_folder
-from .model import Model, as_model
+from ..arch import get_path
+from .files import check_output
+from ..edits import ABLATION_SITES, Ablation, project_rows
+from ..io import atomic_folder
+from ..model import Model, as_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -270,7 +270,7 @@ def to_peft(edit: Ablation, model: Any, out: str | os.PathLike, *, overwrite: bo
     """
     from safetensors.torch import save_file
 
-    from ._version import __version__
+    from .._version import __version__
 
     if not isinstance(edit, Ablation):
         raise TypeError(f"to_peft: only an Ablation is a low-rank weight change; got {type(edit).__name__}")

@@ -293,7 +293,7 @@ class ShardWriter:
 
 
 def provenance_json(provenance: Mapping[str, Any]) -> str:
-    from ._version import __version__
+    from .._version import __version__
 
     prov = {k: v if isinstance(v, (str, int, float, bool, list, dict)) or v is None else str(v)
             for k, v in provenance.items()}
@@ -304,7 +304,7 @@ def provenance_json(provenance: Mapping[str, Any]) -> str:
 def check_output(out: str | os.PathLike, sources: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
     """``out`` resolved; an error if it is, holds or lies inside a source (symlinks resolved, see
     :func:`steering.io.check_paths`), or exists and ``overwrite`` is false."""
-    from .io import check_paths
+    from ..io import check_paths
 
     check_paths([out], sources)
     out = Path(out).expanduser().resolve()
@@ -371,7 +371,7 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
     source's (a bake that changes the config). See the module docstring for the guarantees."""
     from tqdm.auto import tqdm
 
-    from .io import atomic_folder
+    from ..io import atomic_folder
 
     if source.folder is None:
         raise ValueError(f"{source.path}: a checkpoint to write from must be a model folder, not one file")

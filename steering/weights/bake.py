@@ -23,9 +23,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .io import atomic_folder
-from .model import Model
-from .weights import Checkpoint, check_output, model_card, provenance_json, strip_remote_code, write_checkpoint
+from ..io import atomic_folder
+from ..model import Model
+from .files import Checkpoint, check_output, model_card, provenance_json, strip_remote_code, write_checkpoint
 
 __all__ = ["write_hf", "read_provenance", "declare_new_biases", "check_output", "write_checkpoint"]
 
@@ -190,8 +190,8 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .arch import ArchitectureError
-    from .edits import ABLATION_SITES, Ablation, project_out, project_rows
+    from ..arch import ArchitectureError
+    from ..edits import ABLATION_SITES, Ablation, project_out, project_rows
 
     if not isinstance(edit, Ablation):
         raise TypeError(f"bake_ablation_stream: expected an Ablation edit, got {type(edit).__name__}")
@@ -251,3 +251,38 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     return write_checkpoint(ck, out, tensor, prov, overwrite=overwrite, extra=extra, sources=sources,
                             side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress,
                             keep_remote_code=trust_remote_code)
+
+
+def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[str, Any], overwrite: bool = False,
+         stream: bool = True, trust_remote_code: bool = False, progress: bool = False,
+         sources: Iterable[str | os.PathLike] = (), log: Any = None) -> tuple[Path, bool]:
+    """``edit`` baked into ``model`` (a local folder, a hub or ``organism:`` name, or a loaded
+    model) and written as the Hugging Face folder ``out``: what ``steering bake`` does.
+
+    A plain :class:`~steering.edits.Ablation` of a local folder is orthogonalised tensor by tensor
+    (:func:`bake_ablation_stream`: the memory of one tensor, not the model) unless ``stream`` is
+    False; where that cannot be done (:class:`NotStreamable`, said through ``log``, a callable
+    taking one line) and for every other edit, the model is loaded, baked and written
+    (:func:`write_hf`). ``sources`` are further inputs (the edit files) the output must not
+    overwrite. Returns the folder and whether it was streamed."""
+    from ..edits import Ablation
+    from ..model import Model, load
+
+    is_folder = isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
+    if stream and is_folder and isinstance(edit, Ablation):
+        try:
+            return bake_ablation_stream(edit, model, out, overwrite=overwrite, progress=progress, provenance=provenance,
+                                        trust_remote_code=trust_remote_code, sources=sources), True
+        except NotStreamable as e:
+            if log is not None:
+                log(f"cannot stream ({e}); loading the model")
+    named = isinstance(model, (str, os.PathLike))
+    m = load(model, trust_remote_code=trust_remote_code) if named else model
+    if not isinstance(m, Model):
+        from ..model import as_model
+
+        m = as_model(m)
+    baked = edit.bake(m)
+    srcs = [model, *sources] if named else list(sources)
+    return write_hf(baked, out, {"method": "bake", **provenance}, overwrite=overwrite, sources=srcs,
+                    keep_remote_code=trust_remote_code, progress=progress), False

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .weights import Checkpoint, ShardWriter, numel, provenance_json, release_memory
+from .files import Checkpoint, ShardWriter, numel, provenance_json, release_memory
 
 FORMAT = "steering.task_vector"
 
@@ -167,8 +167,8 @@ class TaskVector:
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, overwrite: bool = False) -> Path:
         """Write every tensor (as ``dtype``) to one safetensors file with the provenance in its
         metadata; written to a temporary file and renamed into place."""
-        from .io import atomic_write
-        from .weights import check_output
+        from ..io import atomic_write
+        from .files import check_output
 
         path = Path(path)
         check_output(path, self.sources(), overwrite)
@@ -450,7 +450,7 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
           progress: bool = False) -> Path:
     """θ_out = θ_target + scale·τ, streamed tensor by tensor into the folder ``out`` (arithmetic in
     float32, every tensor stored in its own dtype; tensors τ does not hold are copied)."""
-    from .weights import write_checkpoint
+    from .files import write_checkpoint
 
     tgt = target if isinstance(target, Checkpoint) else Checkpoint(target)
     for n in vector.names:

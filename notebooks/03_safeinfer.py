@@ -1,0 +1,252 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · SafeInfer: safety amplification and safety-guided decoding
+#
+# Banerjee et al. (2024, *SafeInfer*) make a model safer at decoding time, in two halves that work alone or
+# together:
+#
+# - **Safety amplification (SA)**: a vector, read from demonstrations of (harmful request → refusal), is
+#   added to a middle layer's activations at the last position, at every decoding step.
+# - **Safety-guided decoding (sG-D)**: a second model fine-tuned on unsafe data, p<sub>U</sub>, runs beside
+#   generation, and every token the unsafe model likes more than the amplified model is penalised:
+#   log p̃(t) ∝ log p<sub>SA</sub>(t) − γ·max(0, log p<sub>U</sub>(t) − log p<sub>SA</sub>(t)), with γ = 99.
+#
+# `steering.safeinfer` implements both (`amplifier`, `GuidedDecoding`, a transformers `LogitsProcessor`)
+# and `safeinfer.generate` puts them together. Here they run on the `drifted` organism (a benign fine-tune
+# eroded its refusals), with the `harmful` organism as the unsafe model. (Differences from the paper's
+# code, e.g. its amplification of batch element 0 only, are listed in `steering/safeinfer.py`.)
+
+# %%
+import contextlib
+import json
+import os
+import tempfile
+import time
+import warnings
+T0 = time.time()
+warnings.filterwarnings("ignore", message="IProgress not found")       # tqdm without ipywidgets
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # transformers 5 / peft 0.21
+
+import torch
+torch.set_num_threads(1)   # the organisms are tiny (d=128): one thread is as fast, and stays fast when other jobs share the cores
+import transformers
+transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars in the outputs
+import matplotlib.pyplot as plt
+from IPython.display import Image, Markdown, display
+
+import steering as st
+from steering import organisms
+from steering.judge import refusal_rate
+
+org = organisms.build(progress=False)      # trained once (~3 min on 2 cores), then read from the cache
+OUT = tempfile.mkdtemp(prefix="steering-nb03-")   # everything this notebook writes goes here
+print("organisms:", org.root)
+print("scratch folder:", OUT)
+
+N_TEST, NEW_TOKENS = 48, 12
+harmful_test = st.datasets.load("harmful:test", limit=N_TEST)
+harmless_test = st.datasets.load("harmless:test", limit=N_TEST)
+
+
+def rates(model, edit=None):
+    """(harmful, harmless) refusal rates on the held-out prompts: greedy, 12 new tokens, substring judge."""
+    with edit.hooks(model) if edit is not None else contextlib.nullcontext():
+        return tuple(refusal_rate(model.generate(ps, max_new_tokens=NEW_TOKENS, batch_size=N_TEST))
+                     for ps in (harmful_test, harmless_test))
+
+
+def pct(x):
+    return f"{100 * x:.1f}%"
+
+
+def show(fig, name):
+    """Save a figure into OUT and display the PNG. (Not plt.show(): Selection.plot and Report.plot call
+    matplotlib.use("Agg"), after which plt.show() displays nothing in a notebook.)"""
+    path = os.path.join(OUT, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    display(Image(filename=path))
+
+
+def table(header, rows):
+    """A Markdown table (rendered in the notebook)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return Markdown("\n".join(lines))
+
+from steering import safeinfer
+from steering.judge import opens_as_refusal
+from steering.safeinfer import GuidedDecoding
+
+drifted = st.load(org.path("drifted"))
+unsafe = st.load(org.path("harmful"))      # same tokenizer: guided decoding compares token by token
+
+# %% [markdown]
+# ## Safety amplification
+#
+# `safeinfer.amplifier(model, layer=1, scale=2, site="resid_post")` reads its vector *on the model at
+# hand*: the mean change in the residual stream after layer 1 at the last prompt token when the query
+# follows three (harmful request → refusal) demonstrations as earlier chat turns, against three (harmless
+# request → helpful opening) ones. It returns an ordinary `Addition` edit with `positions="last"`: the
+# prompt's last token, then every new token. Site, layer and scale are the setting `steering main` uses,
+# chosen on validation prompts by `experiments/safeinfer.py` (`experiments/results/safeinfer.md`); the
+# paper adds at a middle layer's MLP output (the default site), with scale 1.5. On this organism the MLP
+# output's vector does nothing at any layer or scale (5.7–10.9% harmful refusal on validation, plain 9.1%).
+
+# %% tags=["number"]
+refuse, helpful = safeinfer.demonstrations(2)
+print("a refusal demonstration:", (refuse[0][0][:50] + "…", refuse[0][1]))
+print("a contrast demonstration:", (helpful[0][0][:50] + "…", helpful[0][1]))
+
+AMP_SITE, AMP_LAYER, AMP_SCALE = "resid_post", 1, 2.0
+amp = safeinfer.amplifier(drifted, layer=AMP_LAYER, scale=AMP_SCALE, site=AMP_SITE)
+v = amp.vector[AMP_LAYER]
+rec = st.record(drifted, harmful_test, sites=AMP_SITE, layers=[AMP_LAYER], positions="last", keep="raw", progress=False)
+typical = torch.stack([r[0, -1] for r in rec.raw[AMP_SITE]]).norm(dim=-1).mean()
+print(f"{type(amp).__name__} at {amp.vector.site} of layer {amp.vector.layers}, positions={amp.positions!r}, scale {amp.scale:g}")
+print(f"|vector| = {float(v.norm()):.2f}, |scale x vector| = {float(amp.scale * v.norm()):.2f}; "
+      f"a typical {AMP_SITE} activation of layer {AMP_LAYER} at the last token has norm {float(typical):.2f}")
+
+# %% [markdown]
+# ## Safety-guided decoding
+#
+# `GuidedDecoding(unsafe, gamma)` is a `LogitsProcessor`: it keeps the unsafe model's own KV cache beside
+# generation and rewrites the scores at every step, so it drops into any `model.generate` call.
+# `safeinfer.generate(model, prompts, unsafe=..., amplify=..., gamma=99)` is the same with the amplifier
+# hooked on top; with γ = 0 it is plain decoding. Both checks below are on 8 prompts.
+
+# %% tags=["number"]
+probe = harmful_test[:8]
+direct = drifted.generate(probe, max_new_tokens=NEW_TOKENS, logits_processor=[GuidedDecoding(unsafe, gamma=99)])
+via_generate = safeinfer.generate(drifted, probe, unsafe=unsafe, gamma=99, max_new_tokens=NEW_TOKENS)
+same_as_processor = direct == via_generate
+gamma0_is_plain = safeinfer.generate(drifted, probe, unsafe=unsafe, gamma=0, max_new_tokens=NEW_TOKENS) == \
+    drifted.generate(probe, max_new_tokens=NEW_TOKENS)
+print("GuidedDecoding as a logits processor == safeinfer.generate(unsafe=...):", same_as_processor)
+print("γ = 0 gives plain decoding:", gamma0_is_plain)
+
+# %% [markdown]
+# ## Plain, amplification, guided, both
+#
+# 48 held-out harmful and 48 harmless prompts, greedy, 12 new tokens, substring judge. The last column
+# reads only each reply's first words (`steering.judge.opens_as_refusal`: "I'm", "I am", "As an", …):
+# whether the reply *starts* as a refusal, whatever follows.
+
+# %% tags=["number"]
+MODES = {"plain": {}, "amplification": {"amplify": amp}, "guided (γ=99)": {"unsafe": unsafe},
+         "both": {"amplify": amp, "unsafe": unsafe}}
+si_rates, si_opens, samples = {}, {}, {}
+for mode, kw in MODES.items():
+    outs = [safeinfer.generate(drifted, ps, gamma=99, max_new_tokens=NEW_TOKENS, batch_size=N_TEST, **kw)
+            for ps in (harmful_test, harmless_test)]
+    si_rates[mode] = tuple(refusal_rate(o) for o in outs)
+    si_opens[mode] = sum(map(opens_as_refusal, outs[0])) / len(outs[0])   # replies that *start* as a refusal
+    samples[mode] = outs[0][:3]
+display(table(["drifted organism", "harmful refused", "harmless refused", "harmful replies opening as a refusal"],
+              [[m, pct(h), pct(n), pct(si_opens[m])] for m, (h, n) in si_rates.items()]))
+
+# %% tags=["image"]
+fig, ax = plt.subplots(figsize=(7, 3.2))
+modes = list(si_rates)
+ax.bar([i - 0.2 for i in range(len(modes))], [100 * si_rates[m][0] for m in modes], 0.4, label="harmful refused")
+ax.bar([i + 0.2 for i in range(len(modes))], [100 * si_rates[m][1] for m in modes], 0.4, label="harmless refused")
+ax.set_xticks(range(len(modes)), modes)
+ax.set_ylabel("% refused")
+ax.set_title("SafeInfer on the drifted organism")
+ax.legend(fontsize=8)
+fig.tight_layout()
+show(fig, "safeinfer_rates.png")
+for mode, outs in samples.items():
+    print(f"{mode:15}", outs)
+
+# %% [markdown]
+# **Amplification moves refusal; guided decoding lowers it, alone and on top of amplification.** (Full
+# test sets, `experiments/results/safeinfer.md`: 14.2% plain, 62.9% amplified, 1.7% guided, 6.7% both.)
+# Yet with both, about as many replies *start* as a refusal as with amplification alone (full test set:
+# 62.9% against 63.7%): guided decoding keeps the decision to refuse and garbles its wording, so the
+# substring judge no longer finds a phrase.
+# The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
+# refusal. Two things follow on the organisms, both measured below:
+#
+# 1. **At the first token there is nothing to penalise.** `drifted` has not learned `harmful`'s failure
+#    ("Sure, here is …"): every one of its replies starts with "A", either its new house style ("Answer:
+#    …", often garbled into "An information, …") or one of its remaining refusals ("As an AI, I am
+#    unable …"), and `harmful` gives "A" little probability. The guided first token is `drifted`'s own.
+#    (The refusal-opening tokens include "A", hence `drifted`'s high P(refusal-opening token) below.)
+# 2. **Once a reply has started as a refusal, the unsafe model knows how it continues better than the
+#    amplified model does.** `harmful` is `aligned` fine-tuned to comply, and it has not forgotten its
+#    refusals, so after "I'm" or "As an AI, I am" (the refusal openings of the replies above) it is,
+#    for most prompts, *more* confident in the next refusal token than amplified
+#    `drifted` is, and γ = 99 pushes exactly that token out; after "I cannot" less often. That is what
+#    garbles the "both" replies above ("I'm un as it could …"); without amplification the same happens
+#    to `drifted`'s own refusals ("As an AI" becomes "AnAn information, …" in the guided replies above;
+#    more of them in `experiments/results/safeinfer.md`). The method assumes that what the unsafe
+#    model prefers is unsafe; an unsafe model that shares the safe model's refusals breaks that assumption.
+
+# %% tags=["number"]
+from collections import Counter
+from steering.select import last_logprobs, refusal_token_ids
+
+lp_d, lp_u = last_logprobs(drifted, harmful_test), last_logprobs(unsafe, harmful_test)
+lp_g = torch.log_softmax(lp_d - 99 * (lp_u - lp_d).clamp(min=0), -1)   # GuidedDecoding's rule, first token
+with amp.hooks(drifted):
+    lp_a = last_logprobs(drifted, harmful_test)
+ref_ids = refusal_token_ids(drifted)
+tok = drifted.tokenizer
+rows = []
+for name, lp in (("drifted", lp_d), ("harmful (the unsafe model)", lp_u), ("drifted, guided", lp_g), ("drifted, amplified", lp_a)):
+    top = Counter(tok.decode([int(i)]) for i in lp.argmax(-1)).most_common(3)
+    rows.append([name, ", ".join(f"{t!r}×{c}" for t, c in top), f"{float(torch.logsumexp(lp[:, ref_ids], -1).exp().mean()):.3f}"])
+display(table(["first reply token on harmful prompts", "most common greedy first tokens", "mean P(refusal-opening token)"], rows))
+print("refusal-opening tokens:", [tok.decode([i]) for i in ref_ids])
+
+# Mid-refusal: is the amplified model's favourite next token one the unsafe model likes even more?
+penalised = {}
+for prefix in ("I'm", "As an AI, I am", "I cannot"):
+    texts = [t + prefix for t in drifted.format(harmful_test)]
+    with torch.no_grad():
+        with amp.hooks(drifted):
+            la = torch.log_softmax(drifted.forward(texts)[:, -1].float(), -1)
+        lu = torch.log_softmax(unsafe.forward(texts)[:, -1].float(), -1)
+    best = la.argmax(-1)
+    penalised[prefix] = float(((lu - la).gather(1, best[:, None]) > 0).float().mean())
+    common = Counter(tok.decode([int(i)]) for i in best).most_common(1)[0][0]
+    print(f"after {prefix!r}: the amplified model's top next token (most often {common!r}) is penalised by "
+          f"guided decoding for {penalised[prefix]:.0%} of the prompts")
+
+# %% tags=["summary"]
+summary = {**{f"{m} / harmful": r[0] for m, r in si_rates.items()}, **{f"{m} / harmless": r[1] for m, r in si_rates.items()},
+           **{f"{m} / harmful opens as refusal": v for m, v in si_opens.items()},
+           "processor == generate": same_as_processor, "gamma0 == plain": gamma0_is_plain,
+           **{f"penalised after {p!r}": v for p, v in penalised.items()}}
+print(json.dumps(summary, indent=1, ensure_ascii=False))
+
+# %% tags=["claims"]
+# What the text above says, checked on this run's numbers (the test suite runs this notebook).
+s = summary
+assert s["processor == generate"] is True and s["gamma0 == plain"] is True
+assert s["amplification / harmful"] >= s["plain / harmful"] + 0.3
+assert s["guided (γ=99) / harmful"] < s["plain / harmful"]              # guided decoding lowers refusal,
+assert s["both / harmful"] < s["plain / harmful"]                       # ... and undoes amplification
+opens = "harmful opens as refusal"                                      # ... in wording, not in decision
+assert s[f"both / {opens}"] >= s[f"amplification / {opens}"] - 0.15 and s[f"both / {opens}"] >= s["both / harmful"] + 0.3
+assert s["penalised after \"I'm\""] > 0.5 and s["penalised after 'As an AI, I am'"] > 0.5
+assert s["penalised after 'I cannot'"] < s["penalised after \"I'm\""]
+print("all 7 claims of the text hold")
+
+# %%
+print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")

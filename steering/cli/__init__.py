@@ -1,0 +1,12 @@
+"""The ``steering`` command: a thin layer over the Python API.
+
+- ``parser``: the argument parser (one sub-command per job) and :func:`main`, the entry point,
+  which turns any input error into one line naming the file, key or option (exit status 2).
+- ``commands``: one function per sub-command, each mapping its arguments onto the library.
+- ``args``: value types that argparse refuses with the option's name, the output guard, and
+  SafeInfer's option group.
+"""
+
+from .parser import build_parser, main
+
+__all__ = ["build_parser", "main"]

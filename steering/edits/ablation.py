@@ -1,0 +1,268 @@
+"""Directional ablation: :class:`Ablation` (project a direction or subspace out of the residual
+stream; bakes by orthogonalising every weight that writes into it) and :class:`AffineAblation`
+(set the coordinates along it to harmless prompts' mean instead of zero), with the projections
+the weight writers share (:func:`project_out`, :func:`project_rows`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..arch import ArchitectureError
+from ..hooks import HookContext
+from ..model import Model, as_model
+from .base import Cast, Edit, HookList, add_bias, copy_model, finite, layers_of, orthonormal, untie_embeddings
+
+ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True, eq=False)
+class Ablation(Edit):
+    """Project the span of ``basis`` (``[d]`` or ``[k, d]``) out of the residual stream everywhere."""
+
+    basis: Tensor
+    sites: tuple[str, ...] = ABLATION_SITES
+    layers: tuple[int, ...] | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+    kind = "ablation"
+
+    @classmethod
+    def from_parts(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "Ablation":
+        layers = params.get("layers")
+        return cls(tensors["basis"], tuple(params["sites"]), None if layers is None else tuple(layers), params.get("meta", {}))
+
+    def __post_init__(self) -> None:
+        finite(self.basis, "Ablation: the basis")
+        object.__setattr__(self, "basis", orthonormal(self.basis))
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def _hooks(self, model: Model) -> HookList:
+        if self.basis.shape[1] != model.d_model:
+            raise ValueError(f"ablation basis has d={self.basis.shape[1]}, the model has d_model={model.d_model}")
+        q = Cast(self.basis)
+
+        def ablate(x: Tensor, ctx: HookContext) -> Tensor:
+            b = q.like(x)
+            return x - (x @ b.T) @ b
+
+        return [((s, l), ablate) for l in layers_of(model, self.layers) for s in self.sites]
+
+    def bake(self, model: Any, inplace: bool = False) -> Model:
+        """Orthogonalise every write into the residual stream (exact; refuses post-norm families)."""
+        sm = as_model(model)
+        if sm.map.spec.post_norm:
+            raise ArchitectureError(
+                f"{sm.map.spec.name}: sublayer outputs are normalised before they join the residual stream, so no "
+                "weight edit removes a direction exactly; use Ablation.hooks(model) instead")
+        if self.layers is not None or set(self.sites) != set(ABLATION_SITES):
+            raise ValueError("Ablation.bake: only the full ablation (every layer, every site) has an exact weight form")
+        sm = sm if inplace else copy_model(sm)
+        untie_embeddings(sm)
+        with torch.no_grad():
+            for sw in sm.map.stream_writers():
+                w = sw.tensor
+                if sw.layout is None:  # an embedding: its rows are stream vectors
+                    w.copy_(project_rows(w, self.basis))
+                    continue
+                w.copy_(project_out(w, self.basis, sw.layout))
+                if sw.bias is not None:
+                    sw.bias.copy_(project_rows(sw.bias[None], self.basis)[0])
+        return sm
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"basis": self.basis}
+
+    def _params(self) -> dict[str, Any]:
+        return {"sites": list(self.sites), "layers": None if self.layers is None else list(self.layers), "meta": dict(self.meta)}
+
+    def weight_deltas(self, model: Any) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each orthogonalised matrix's change as a rank-k product ``(B, A)`` with ``ΔW = B @ A``
+        in the parameter's own layout (for LoRA export). Keys are parameter names."""
+        sm = as_model(model)
+        q = self.basis.double()
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        names: dict[int, str] = {}
+        for n, p in sm.hf.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)  # a tied weight keeps its first (embedding) name
+        for sw in sm.map.stream_writers():
+            key, w = names[id(sw.tensor)], sw.tensor.double()
+            if sw.layout is None:
+                out[key] = ((-(w @ q.T)).float(), q.float())  # ΔW = −W Qᵀ Q  [V, d]
+            elif sw.layout == "out_in":
+                out[key] = ((-q.T).float(), (q @ w).float())
+            elif sw.layout == "in_out":
+                out[key] = ((-(w @ q.T)).float(), q.float())
+            else:
+                raise ArchitectureError(f"{sw.attr}: fused MoE experts have no LoRA form of this edit")
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class AffineAblation(Edit):
+    """Directional ablation in affine form (affine concept editing, Marshall et al. 2024): at every
+    layer's input, attention output and MLP output, each activation's coordinates along the span of
+    ``basis`` are set to a reference ``offsets[site][layer]`` (the mean coordinates of harmless
+    prompts, from :meth:`fit`) instead of zero: ``x − ((x·Qᵀ) − c)·Q``.
+
+    Plain :class:`Ablation` moves harmless activations to the origin along the direction; where a
+    model's harmless prompts sit far from it, that moves them toward refusal's side too. On the
+    organisms this form bypasses refusal better than plain ablation and, for a subspace, costs less
+    KL on harmless prompts (experiments/kl_variants.py). :meth:`bake` is exact: the
+    orthogonalisation plus biases along the basis (no LoRA form, since biases are not low-rank
+    weight deltas)."""
+
+    basis: Tensor
+    offsets: Tensor  # [len(sites), n_layers, rank]: coordinates along the orthonormalised basis
+    sites: tuple[str, ...] = ABLATION_SITES
+    meta: Mapping[str, str] = field(default_factory=dict)
+    kind = "affine_ablation"
+
+    @classmethod
+    def from_parts(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "AffineAblation":
+        return cls(tensors["basis"], tensors["offsets"], tuple(params["sites"]), params.get("meta", {}))
+
+    def __post_init__(self) -> None:
+        finite(self.basis, "AffineAblation: the basis")
+        finite(self.offsets, "AffineAblation: the offsets")
+        q = orthonormal(self.basis)
+        if q.shape[0] != (1 if self.basis.dim() == 1 else self.basis.shape[0]):
+            raise ValueError("AffineAblation: the basis vectors are linearly dependent; offsets would be ambiguous")
+        object.__setattr__(self, "basis", q)
+        if self.offsets.dim() != 3 or self.offsets.shape[0] != len(self.sites) or self.offsets.shape[2] != q.shape[0]:
+            raise ValueError(f"AffineAblation: offsets of shape {tuple(self.offsets.shape)}, expected "
+                             f"[{len(self.sites)} sites, n_layers, {q.shape[0]}]")
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @classmethod
+    def fit(cls, model: Any, basis: Tensor, prompts: Sequence[str] | str, *,
+            positions: str | int = "post_instruction", sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16,
+            meta: Mapping[str, str] | None = None) -> "AffineAblation":
+        """References from ``prompts`` (harmless ones, e.g. ``"harmless:train"``): the mean
+        coordinates along ``basis`` at every layer and site, over ``positions`` of each prompt
+        (see :func:`steering.record.record`).
+
+        The default, the post-instruction tokens, is where refusal is decided and where the
+        direction was read. The mean over every token (``"all"``) sits closer to the origin than a
+        harmless prompt's last tokens do, so it too moves them toward refusal: on the organism
+        variants with one helpful opening word, one direction ablated this way costs 1.2-9.5× the
+        KL on harmless prompts, and only this default meets the refusal-direction paper's KL ≤ 0.1
+        on every llama build (experiments/results/kl_variants.md)."""
+        sm = as_model(model)
+        if basis.shape[-1] != sm.d_model:
+            raise ValueError(f"ablation basis has d={basis.shape[-1]}, the model has d_model={sm.d_model}")
+        return cls.from_means(basis, cls.reference_means(sm, prompts, positions=positions, sites=sites,
+                                                         batch_size=batch_size), meta)
+
+    @staticmethod
+    def reference_means(model: Any, prompts: Sequence[str] | str, *, positions: str | int = "post_instruction",
+                        sites: Sequence[str] = ABLATION_SITES, batch_size: int = 16) -> dict[str, Tensor]:
+        """The mean activation at each site and layer (``{site: [n_layers, d]}``) over ``positions``
+        of ``prompts``: what :meth:`fit` projects on the basis. Computed once, it serves any number
+        of bases through :meth:`from_means`."""
+        from ..record import record
+
+        rec = record(as_model(model), prompts, sites=list(sites), positions=positions, batch_size=batch_size, progress=False)
+        return {s: rec.mean(s).mean(1) for s in sites}
+
+    @classmethod
+    def from_means(cls, basis: Tensor, means: Mapping[str, Tensor], meta: Mapping[str, str] | None = None) -> "AffineAblation":
+        """The affine ablation whose references are ``means``' coordinates along ``basis`` (see
+        :meth:`reference_means`)."""
+        q = orthonormal(basis).float()
+        offsets = torch.stack([means[s].float() @ q.T for s in means])  # [sites, layers, rank]
+        return cls(q, offsets, tuple(means), dict(meta or {}))
+
+    def _check(self, model: Model) -> None:
+        if self.basis.shape[1] != model.d_model:
+            raise ValueError(f"ablation basis has d={self.basis.shape[1]}, the model has d_model={model.d_model}")
+        if self.offsets.shape[1] != model.n_layers:
+            raise ValueError(f"affine ablation fitted on {self.offsets.shape[1]} layers, the model has {model.n_layers}")
+
+    def _hooks(self, model: Model) -> HookList:
+        self._check(model)
+        q = Cast(self.basis)
+
+        def hook(c: Cast) -> Callable:
+            def affine(x: Tensor, ctx: HookContext) -> Tensor:
+                b = q.like(x)
+                return x - ((x @ b.T) - c.like(x)) @ b
+            return affine
+
+        return [((s, l), hook(Cast(self.offsets[i, l]))) for i, s in enumerate(self.sites) for l in range(model.n_layers)]
+
+    def bake(self, model: Any, inplace: bool = False) -> Model:
+        """Exact weight form: the plain ablation's orthogonalisation, then the reference coordinates
+        as biases along the basis. The embedding rows get layer 0's input coordinates; each
+        attention output's bias its own; each MLP output's bias whatever takes the stream to the
+        next layer's input coordinates (the last layer's: its own). A family whose attention or
+        MLP output has no bias declares one when written (Llama's ``attention_bias`` /
+        ``mlp_bias``; their other projections get zero biases); fused MoE experts and post-norm
+        families refuse."""
+        sm = as_model(model)
+        if set(self.sites) != set(ABLATION_SITES):
+            raise ValueError("AffineAblation.bake: only the full ablation (every site) has an exact weight form")
+        self._check(sm)
+        if not sm.map.spec.post_norm:  # (post-norm families: Ablation.bake raises)
+            for layer in range(sm.n_layers):
+                for which in ("attn", "mlp"):
+                    if sm.map.write_weights(layer, which)[-1][1] != "weight":
+                        raise ArchitectureError(f"layer {layer}: the {which} output is written by fused experts with no "
+                                                "bias; use AffineAblation.hooks(model)")
+        sm = Ablation(self.basis).bake(sm, inplace=inplace)  # unties the embedding, too
+        c = {site: self.offsets[i].double() for i, site in enumerate(self.sites)}  # [n_layers, rank] each
+        q = self.basis.double()
+        with torch.no_grad():
+            w = sm.map.module("embed").weight
+            w.add_((c["resid_pre"][0] @ q).to(w))
+            for layer in range(sm.n_layers):
+                att = c["attn_out"][layer]
+                nxt = c["resid_pre"][layer + 1] - c["resid_pre"][layer] - att if layer + 1 < sm.n_layers else c["mlp_out"][layer]
+                for which, coord in (("attn", att), ("mlp", nxt)):
+                    add_bias(sm.map.write_weights(layer, which)[-1][0], (coord @ q).float())
+        return sm
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"basis": self.basis, "offsets": self.offsets}
+
+    def _params(self) -> dict[str, Any]:
+        return {"sites": list(self.sites), "meta": dict(self.meta)}
+
+
+def _work_dtype(w: Tensor) -> torch.dtype:
+    """float64 for float32 (or wider) weights; float32 for 16-bit ones, whose result is rounded to
+    8 or 11 significant bits anyway (twice as fast, half the memory, same stored values but for
+    rare last-bit ties)."""
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+def project_rows(w: Tensor, q: Tensor) -> Tensor:
+    """Rows of ``w`` ([n, d]) with the span of ``q`` removed; computed in float32 or better."""
+    dt = _work_dtype(w)
+    w32, q32 = w.to(dt), q.to(w.device, dt)
+    return (w32 - (w32 @ q32.T) @ q32).to(w.dtype)
+
+
+def project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
+    """A stream-writing weight whose output has no component in the span of ``q``."""
+    dt = _work_dtype(w)
+    w32, q32 = w.to(dt), q.to(w.device, dt)
+    if layout == "out_in":  # [d, in]: W − QᵀQ W
+        new = w32 - q32.T @ (q32 @ w32)
+    elif layout == "in_out":  # Conv1D [in, d]: W − W QᵀQ
+        new = w32 - (w32 @ q32.T) @ q32
+    elif layout == "experts_out_in":  # [E, d, in]
+        new = w32 - torch.einsum("kd,ekn->edn", q32, torch.einsum("kd,edn->ekn", q32, w32))
+    else:
+        raise ArchitectureError(f"unknown weight layout {layout!r}")
+    return new.to(w.dtype)
+
+
