@@ -193,7 +193,7 @@ def why_guided(D, U, best: dict) -> dict:
     from steering.judge import is_refusal
 
     amp = amplifier(D, best)
-    tok = D._tok()
+    tok = D.require_tokenizer()
 
     class Recorder(safeinfer.GuidedDecoding):
         def __init__(self, unsafe):

@@ -173,7 +173,7 @@ def _next_token_logprobs(m: Model, prompts: Sequence[str], batch_size: int, guid
 @torch.inference_mode()
 def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str], batch_size: int) -> float:
     """Mean NLL per completion token of ``completions`` after the formatted ``prompts``."""
-    tok = m._tok()
+    tok = m.require_tokenizer()
     total, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
         ps, cs = list(prompts[i:i + batch_size]), list(completions[i:i + batch_size])
@@ -242,7 +242,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
             bar.update()
         edit = _edit(s)
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
-            guided = GuidedDecoding(unsafe, gamma, m._tok().pad_token_id) if unsafe is not None else None
+            guided = GuidedDecoding(unsafe, gamma, m.require_tokenizer().pad_token_id) if unsafe is not None else None
             logp = _next_token_logprobs(m, u_prompts, batch_size, guided)
             row["kl"] = kl_div(ref_logp, logp)
             row["ce"] = _cross_entropy(m, u_texts, references, batch_size)

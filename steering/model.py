@@ -93,7 +93,8 @@ class Model:
         return attach(self, hooks)
 
     # --- text ------------------------------------------------------------------------------
-    def _tok(self) -> Any:
+    def require_tokenizer(self) -> Any:
+        """The tokenizer, or a one-line error saying how to give one."""
         if self.tokenizer is None:
             raise ValueError(f"{self.name}: no tokenizer; pass one to steering.load(model, tokenizer)")
         return self.tokenizer
@@ -109,7 +110,7 @@ class Model:
         use = self.has_chat_template if chat is None else chat
         if not use:
             return prompts
-        tok = self._tok()
+        tok = self.require_tokenizer()
         if not self.has_chat_template:
             raise ValueError(f"{self.name}: chat=True but the tokenizer has no chat_template")
         out = []
@@ -125,7 +126,7 @@ class Model:
             return 1
         text = self.format([_MARK], chat=True)[0]
         suffix = text.split(_MARK)[-1]
-        return max(1, len(self._tok()(suffix, add_special_tokens=False)["input_ids"]))
+        return max(1, len(self.require_tokenizer()(suffix, add_special_tokens=False)["input_ids"]))
 
     @property
     def max_length(self) -> int:
@@ -146,7 +147,7 @@ class Model:
 
         Texts longer than the model takes (less ``room`` for tokens still to be generated) are cut
         from the left."""
-        tok = self._tok()
+        tok = self.require_tokenizer()
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         old = tok.padding_side, tok.truncation_side
@@ -179,7 +180,7 @@ class Model:
         from tqdm.auto import tqdm
 
         texts = self.format(prompts, chat=chat)
-        tok = self._tok()
+        tok = self.require_tokenizer()
         gen_kwargs.setdefault("do_sample", False)
         if not self.kv_cache_ok:
             if gen_kwargs.get("use_cache"):

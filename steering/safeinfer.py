@@ -45,7 +45,7 @@ GAMMA = 99.0
 
 def check_same_tokenizer(model: Model, unsafe: Model) -> None:
     """One clear error if the two models do not share a vocabulary."""
-    a, b = model._tok().get_vocab(), unsafe._tok().get_vocab()
+    a, b = model.require_tokenizer().get_vocab(), unsafe.require_tokenizer().get_vocab()
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()))
         example = f" (e.g. token {diff[0][0]!r})" if diff else ""
@@ -66,7 +66,7 @@ class GuidedDecoding(LogitsProcessor):
     def __init__(self, unsafe: Any, gamma: float = GAMMA, pad_token_id: int | None = None):
         self.unsafe = as_model(unsafe)
         self.gamma = float(gamma)
-        self.pad = self.unsafe._tok().pad_token_id if pad_token_id is None else pad_token_id
+        self.pad = self.unsafe.require_tokenizer().pad_token_id if pad_token_id is None else pad_token_id
         self._cache_name = cache_kwarg(self.unsafe.hf)  # once, not per decoding step
         self._ids: Tensor | None = None
         self._past: Any = None
@@ -143,7 +143,7 @@ def amplification_vector(model: Any, demos: Sequence[tuple[str, str]], queries: 
         if ds and len(ds) < shots:
             raise ValueError(f"amplification_vector: {len(ds)} {name}, fewer than shots={shots}")
     rng = random.Random(seed)
-    tok = sm._tok()
+    tok = sm.require_tokenizer()
 
     def in_context(pairs: Sequence[tuple[str, str]], q: str) -> str:
         msgs: list[dict[str, str]] = []
@@ -217,7 +217,7 @@ def generate(model: Any, prompts: Sequence[str], *, unsafe: Any = None, amplify:
     if unsafe is not None:
         um = as_model(unsafe)  # a Model, an HF model, a folder or a hub name
         check_same_tokenizer(sm, um)
-        processors.append(GuidedDecoding(um, gamma, sm._tok().pad_token_id))
+        processors.append(GuidedDecoding(um, gamma, sm.require_tokenizer().pad_token_id))
     edit = combine((*edits, amplify))
     with edit.hooks(sm) if edit is not None else contextlib.nullcontext():
         return sm.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -160,3 +160,26 @@ def test_nothing_points_outside_the_repository(where):
             if pattern.search(line):
                 hits.append(f"{f.relative_to(ROOT)}:{i}")
     assert hits == []
+
+
+def test_no_module_calls_another_objects_private_methods():
+    """``obj._name(...)`` on anything but ``self``/``cls`` of a method the module does not define is
+    a private reach; the edits' own protocol (``_hooks``, ``_tensors``, ``_params``) is shared
+    inside ``steering/edits/`` only."""
+    protocol = {"_hooks", "_tensors", "_params"}
+    bad = []
+    for m, f in _modules().items():
+        tree = ast.parse(f.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, owner = node.func.attr, node.func.value
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            if (isinstance(owner, ast.Name) and owner.id in ("self", "cls")) or name in own:
+                continue
+            if m.startswith("steering.edits") and name in protocol:
+                continue
+            bad.append(f"{m}:{node.lineno}: .{name}()")
+    assert bad == []
