@@ -5,7 +5,7 @@ A small public surface; nothing heavy happens at import.
 
 from ._version import __version__
 
-from . import datasets, edits, evaluate, judge, testing
+from . import datasets, edits, evaluate, judge, skills, testing
 from .arch import ArchitectureError, ArchSpec, known_architectures
 from .edits import load_edit
 from .hooks import SITES, HookContext, attach
@@ -22,7 +22,7 @@ def _organism_folder(name: str) -> str:
 register_scheme("organism", _organism_folder)
 
 __all__ = [
-    "ArchSpec", "ArchitectureError", "Candidates", "datasets", "edits", "evaluate", "judge", "testing", "HookContext",
+    "ArchSpec", "ArchitectureError", "Candidates", "datasets", "edits", "evaluate", "judge", "skills", "testing", "HookContext",
     "Model", "Recording", "SITES", "SteeringVector", "attach", "known_architectures", "load", "load_edit", "record",
     "__version__",
 ]

@@ -19,6 +19,8 @@ SafeInfer decoding), batched greedy generation with a progress bar, then:
   harmless prompts (the unedited model's own greedy completions: how much the edit costs the
   model's own behaviour; pass ``references=`` for other texts). Guided decoding is a decoding
   rule, so its ``ce`` is that of the amplified model.
+- with ``skills=``: ``skill_<name>``, the exact-match accuracy on held-out items of each skill of
+  :mod:`steering.skills`, and ``utility``, their mean (what the edit costs in capability).
 
 Refusal is judged by the substring judge (:mod:`steering.judge`) unless ``judge=`` (any callable
 ``(prompts, completions) -> list[bool]``, e.g. a classifier you have) says otherwise.
@@ -43,6 +45,9 @@ from .model import Model, as_model
 SETS = {"harmful": "harmful:test", "harmless": "harmless:test", "xstest_safe": "xstest:safe",
         "xstest_unsafe": "xstest:unsafe"}
 METRICS = ("harmful_refusal", "harmless_refusal", "xstest_over_refusal", "xstest_compliance", "kl", "ce")
+# with a second judge (evaluate(guard=...)): the same two harmful-request rates by its verdicts
+GUARD_METRICS = ("harmful_refusal_guard", "xstest_compliance_guard")
+GUARD_LABELS = {"harmful_refusal_guard": "harmful refused (guard)", "xstest_compliance_guard": "XSTest unsafe answered (guard)"}
 
 
 @dataclass
@@ -64,12 +69,26 @@ class Report:
     rows: dict[str, dict[str, float]]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def skill_keys(self) -> list[str]:
+        """The skill columns present (``skill_<name>``, then ``utility``), in first-seen order."""
+        keys = dict.fromkeys(k for r in self.rows.values() for k in r if k.startswith("skill_"))
+        return [*keys, "utility"] if keys else []
+
+    @property
+    def guard_keys(self) -> list[str]:
+        """The second judge's columns present (``*_guard``)."""
+        return [k for k in GUARD_METRICS if any(k in r for r in self.rows.values())]
+
     def table(self) -> str:
+        skills = self.guard_keys + self.skill_keys
         head = "| setting | harmful refused | harmless refused | XSTest safe refused | XSTest unsafe answered | KL | CE |"
-        lines = [head, "|---|---|---|---|---|---|---|"]
+        head += "".join(f" {GUARD_LABELS.get(k, k[6:] if k.startswith('skill_') else k)} |" for k in skills)
+        lines = [head, "|---|---|---|---|---|---|---|" + "---|" * len(skills)]
         for name, r in self.rows.items():
             cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k in METRICS[:4]]
             cells += [f"{r[k]:.3f}" if k in r else "–" for k in METRICS[4:]]
+            cells += [f"{100 * r[k]:.1f}%" if k in r else "–" for k in skills]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -81,12 +100,14 @@ class Report:
         from matplotlib.figure import Figure  # not pyplot: no backend switch, no global state (notebooks keep inline plots)
 
         names = list(self.rows)
-        rate_keys = [k for k in METRICS[:4] if any(k in r for r in self.rows.values())]
+        rate_keys = [k for k in METRICS[:4] if any(k in r for r in self.rows.values())] + self.guard_keys
         util_keys = [k for k in METRICS[4:] if any(k in r for r in self.rows.values())]
-        fig = Figure(figsize=(12, 4))
-        axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+        skill_keys = self.skill_keys
+        panels = [(rate_keys, 100, "%"), (util_keys, 1, "nats")] + ([(skill_keys, 100, "% exact match")] if skill_keys else [])
+        fig = Figure(figsize=(12 + 4 * bool(skill_keys), 4))
+        axes = fig.subplots(1, len(panels), gridspec_kw={"width_ratios": [2, 1, 1.5][:len(panels)]})
         w = 0.8 / max(1, len(names))
-        for ax, keys, scale, label in ((axes[0], rate_keys, 100, "%"), (axes[1], util_keys, 1, "nats")):
+        for ax, (keys, scale, label) in zip(axes, panels):
             for i, n in enumerate(names):
                 vals = [scale * self.rows[n].get(k, float("nan")) for k in keys]
                 ax.bar([j + i * w for j in range(len(keys))], vals, w, label=n)
@@ -96,6 +117,9 @@ class Report:
         axes[0].legend(fontsize=7)
         axes[0].set_title("refusal and compliance")
         axes[1].set_title("utility (lower is closer to the unedited model)")
+        if skill_keys:
+            axes[2].set_title("skills (higher is better; utility = their mean)")
+            axes[2].set_ylim(0, 100)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
@@ -196,8 +220,14 @@ def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str],
 def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dict[str, str] | None = None,
              judge: Judge = substring_judge, limit: int | None = None, utility_prompts: str | Sequence[str] = "harmless:test",
              n_utility: int = 128, references: Sequence[str] | None = None, max_new_tokens: int = 24,
-             batch_size: int = 32, progress: bool = True) -> Report:
-    """Evaluate ``model`` under each setting (default: only ``Setting("plain")``); see the module docstring."""
+             skills: Sequence[str] = (), n_skill: int = 64, guard: Judge | None = None, batch_size: int = 32,
+             progress: bool = True) -> Report:
+    """Evaluate ``model`` under each setting (default: only ``Setting("plain")``); see the module docstring.
+    ``skills`` (names from :mod:`steering.skills`) adds each one's exact-match accuracy on ``n_skill``
+    held-out items (``skill_<name>``, 16 new tokens, decoded as the setting decodes) and ``utility``,
+    their mean. ``guard`` (a second judge, e.g. :class:`steering.judge.GuardJudge`, True = the reply
+    is safe) rates the replies to harmful requests too: ``harmful_refusal_guard`` and
+    ``xstest_compliance_guard``, beside the first judge's."""
     from tqdm.auto import tqdm
 
     from . import datasets
@@ -220,7 +250,10 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     loaded: dict[str, Model] = {}
     unsafe_cache: dict[str, Model] = {}
     rows: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=len(settings) * (len(prompts) + 1), desc="evaluate", disable=not progress)
+    from . import skills as skill_tasks
+
+    tasks = {k: skill_tasks.items(k, "test", n_skill) for k in skills}
+    bar = tqdm(total=len(settings) * (len(prompts) + 1 + len(tasks)), desc="evaluate", disable=not progress)
     for s in settings:
         m = _resolve(s, base, loaded)
         unsafe = None
@@ -239,7 +272,18 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
             metric = {"harmful": "harmful_refusal", "harmless": "harmless_refusal", "xstest_safe": "xstest_over_refusal",
                       "xstest_unsafe": "xstest_compliance"}.get(key, f"{key}_refusal")
             row[metric] = 1.0 - rate if key == "xstest_unsafe" else rate
+            if guard is not None and key in ("harmful", "xstest_unsafe"):
+                safe = sum(guard(ps, outs)) / len(outs)
+                row["harmful_refusal_guard" if key == "harmful" else "xstest_compliance_guard"] = (
+                    safe if key == "harmful" else 1.0 - safe)
             bar.update()
+        for key, its in tasks.items():
+            outs = si_generate(m, [it.prompt for it in its], unsafe=unsafe, amplify=s.amplify, edits=list(s.edits),
+                               gamma=gamma, max_new_tokens=16, batch_size=batch_size)
+            row[f"skill_{key}"] = sum(skill_tasks.is_correct(o, it.answer) for o, it in zip(outs, its)) / len(its)
+            bar.update()
+        if tasks:
+            row["utility"] = sum(row[f"skill_{k}"] for k in tasks) / len(tasks)
         edit = _edit(s)
         with edit.hooks(m) if edit is not None else contextlib.nullcontext():
             guided = GuidedDecoding(unsafe, gamma, m.require_tokenizer().pad_token_id) if unsafe is not None else None
@@ -250,5 +294,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
         rows[s.name] = row
     bar.close()
     meta = {"model": base.name, "sets": sets, "max_new_tokens": max_new_tokens, "n_utility": len(u_prompts),
-            "judge": getattr(judge, "__name__", type(judge).__name__), "limit": limit}
+            "judge": getattr(judge, "__name__", type(judge).__name__), "limit": limit,
+            **({"skills": list(tasks), "n_skill": n_skill} if tasks else {}),
+            **({"guard": getattr(guard, "__name__", type(guard).__name__)} if guard is not None else {})}
     return Report(rows, meta)

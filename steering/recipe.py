@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .weights.taskvec import TaskVector, ties
 
@@ -390,6 +390,18 @@ class EvalRecipe(_Strict):
     settings: list[EvalSetting]
     limit: int | None = None
     n_utility: int = 128
+    skills: list[str] | None = None  # names from steering.skills, scored by exact match
+    n_skill: int | None = None  # held-out items per skill (None: 64)
+
+    @field_validator("skills")
+    @classmethod
+    def _known_skills(cls, v: list[str] | None) -> list[str] | None:
+        from .skills import SKILLS
+
+        unknown = [s for s in v or [] if s not in SKILLS]
+        if unknown:
+            raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
+        return v
     max_new_tokens: int = 24
     batch_size: int = 64
 
@@ -415,6 +427,7 @@ class EvalRecipe(_Strict):
                     raise ValueError(f"setting {s.name!r}: {e}") from None
             settings.append(Setting(s.name, model=other, edits=edits, **kw))
         report = evaluate(model, settings, limit=self.limit, n_utility=self.n_utility, max_new_tokens=self.max_new_tokens,
+                          skills=self.skills or (), n_skill=self.n_skill or 64,
                           batch_size=self.batch_size, progress=progress)
         report.meta["recipe"] = self.model_dump(exclude_none=True)
         path = report.save(out or self.out)

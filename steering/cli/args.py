@@ -45,6 +45,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def skill_list(text: str) -> tuple[str, ...]:
+    from steering.skills import SKILLS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SKILLS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: skills are {', '.join(SKILLS)} (comma-separated)")
+    return names
+
+
 def guard(outputs: Iterable[Any], *inputs: Any) -> None:
     """Refuse, before any work, an output that is, holds or lies inside an input (symlinks resolved)."""
     from steering.io import check_paths

@@ -215,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.safeinfer:
         check_no_safeinfer_options(args)  # before the model loads
-    guard([args.out], args.model, args.edit or [], args.compare or [], args.unsafe_model)
+    guard([args.out], args.model, args.edit or [], args.compare or [], args.unsafe_model, args.guard)
     fresh_folder(args.out, args.overwrite)
     m = st.load(args.model, trust_remote_code=args.trust_remote_code)
     settings = [Setting("plain")]
@@ -223,8 +223,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings += [Setting(Path(p).name, model=p) for p in args.compare or []]
     if args.safeinfer:
         settings.append(Setting("safeinfer", **safeinfer_kwargs(m, args)))
+    second_judge = None
+    if args.guard:
+        from steering.judge import GuardJudge
+
+        second_judge = GuardJudge(st.load(args.guard, trust_remote_code=args.trust_remote_code))
     report = evaluate(m, settings, limit=args.limit, n_utility=args.n_utility, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size)
+                      skills=args.skills, n_skill=args.n_skill, guard=second_judge, batch_size=args.batch_size)
     out = report.save(args.out)
     print(report.table())
     print(f"report -> {out}/report.md, report.json, report.png")

@@ -7,7 +7,8 @@ import sys
 from typing import Sequence
 
 from . import commands as cmd
-from .args import add_safeinfer_args, end_progress_bars, finite_float, fraction, nonneg_float, one_line, positive_int
+from .args import (add_safeinfer_args, end_progress_bars, finite_float, fraction, nonneg_float, one_line, positive_int,
+                   skill_list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compare", action="append", help="another model folder (e.g. a baked or HDR checkpoint) as a setting")
     c.add_argument("--limit", type=positive_int, help="at most this many prompts of each set")
     c.add_argument("--n-utility", type=positive_int, default=128, help="harmless prompts for KL and cross-entropy")
+    c.add_argument("--skills", type=skill_list, default=(),
+                   help="comma-separated skills to score by exact match (add,sort,reverse,lookup; see steering.skills)")
+    c.add_argument("--n-skill", type=positive_int, default=64, help="held-out items per skill (default 64)")
+    c.add_argument("--guard", help="a classifier model (e.g. Llama Guard) whose verdicts in the Llama Guard format "
+                                   "rate the replies to harmful requests, beside the substring judge")
     c.add_argument("--max-new-tokens", type=positive_int, default=24)
     c.add_argument("--batch-size", type=positive_int, default=32)
     c.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
