@@ -1,0 +1,69 @@
+"""The lm-eval adapter: lm-eval's own backend and task files, with this package's edits hooked in
+(mechanics on tiny models; the organisms' scores are in experiments/results)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import steering as st
+
+lm_eval = pytest.importorskip("lm_eval")  # the lmeval extra (in dev)
+
+from steering import lmeval  # noqa: E402
+from steering.edits import Edit  # noqa: E402
+from steering.lm_eval_tasks import tasks  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class Count(Edit):
+    """An edit that changes nothing and counts its calls."""
+
+    calls: list  # (no kind of its own: not registered for load_edit)
+
+    def _hooks(self, model):
+        def hook(x, ctx):
+            self.calls.append(x.shape)
+            return None
+        return [(("resid_pre", 0), hook)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return st.testing.tiny_model("llama")
+
+
+def test_the_shipped_skill_tasks_run_offline_under_an_edit_and_the_hooks_go_after(model):
+    calls = []
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    res = lmeval.evaluate(model, ["steering_add", "steering_sort"], edits=[Count(calls)], limit=3)
+    assert set(res) == {"steering_add", "steering_sort"}
+    assert all(0.0 <= r["exact_match,none"] <= 1.0 and r["sample_len"] == 3 for r in res.values())
+    assert calls, "the edit's hook never ran inside lm-eval"
+    n = len(calls)
+    model.generate(["Hi"], max_new_tokens=2)
+    assert len(calls) == n  # removed after the run
+    assert all(torch.equal(before[k], v) for k, v in model.hf.state_dict().items())
+
+
+def test_the_tasks_score_by_exact_match_on_held_out_items():
+    docs = tasks.add(n=5)["test"]
+    assert [d["prompt"] for d in docs] == [it.prompt for it in st.skills.items("add", "test", 5)]
+    assert tasks.process_results({"answer": "771"}, ["771.\nmore"]) == {"exact_match": 1}
+    assert tasks.process_results({"answer": "771"}, ["77"]) == {"exact_match": 0}
+
+
+def test_guided_decoding_runs_inside_generate_until(model, monkeypatch):
+    from steering import safeinfer
+
+    seen = []
+    real = safeinfer.GuidedDecoding.__call__
+
+    def spy(self, input_ids, scores):
+        seen.append(self.gamma)
+        return real(self, input_ids, scores)
+
+    monkeypatch.setattr(safeinfer.GuidedDecoding, "__call__", spy)
+    unsafe = st.testing.tiny_model("llama", seed=1)
+    lmeval.evaluate(model, ["steering_lookup"], unsafe=unsafe, gamma=5.0, limit=2)
+    assert seen and set(seen) == {5.0}
