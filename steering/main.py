@@ -11,7 +11,9 @@
    on validation prompts), Safety Arithmetic's
    ICV injection, Harm Direction Removal with τ_H = harmful − aligned streamed into a checkpoint
    (``drifted-hdr/``), and SafeInfer (amplification + guided decoding against ``harmful``).
-4. :func:`steering.evaluate.evaluate` of all of them side by side on held-out prompts, written as
+4. :func:`steering.evaluate.evaluate` of all of them side by side on held-out prompts, judged by
+   the substring judge and, beside it, by the judge organism in the Llama Guard format
+   (:func:`steering.organisms.build_judge`, :class:`steering.judge.GuardJudge`), written as
    ``report.md``, ``report.json`` and plots, and printed.
 
 Settings that experiments chose on validation prompts (experiments/results/*.md) are fixed here so
@@ -41,6 +43,7 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     from steering.evaluate import Setting, evaluate
     from steering.extract import diff_in_means, icv, icv_pairs
     from steering.io import atomic_write
+    from steering.judge import GuardJudge
     from steering.select import refusal_ablation
     from steering.vectors import SteeringVector
     from steering.weights.taskvec import TaskVector, hdr
@@ -107,7 +110,9 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
 
     # --- evaluation side by side -----------------------------------------------------------------------
     # 12 new tokens, as the experiments measure (longer generations catch more refusal phrases)
-    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 12, batch_size=64, progress=True)
+    # a second judge beside the substring one: the judge organism, read as Llama Guard would be (not in quick runs)
+    guard = None if quick else GuardJudge(st.load(organisms.build_judge(progress=False)))
+    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 12, batch_size=64, progress=True, guard=guard)
     rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, refusal direction ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
     rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
@@ -125,7 +130,8 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     lines = ["# steering main job", "",
              f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
              org.table(), "",
-             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, 12 new tokens; substring judge)",
+             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, 12 new tokens; "
+             "substring judge, and the judge organism in the (guard) columns)",
              "", report.table(), "", "![report](report.png)", "",
              f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
              f"(KL filter {kl_max:g}; heat map: selection.png), ablated in that form. Baked checkpoint: `{out / 'aligned-ablated'}`.",
@@ -134,7 +140,9 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
              f"direction at layer {gate}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
              f"- HDR: λ = {HDR_SCALE:g}, top {HDR_TOP_K:g} ({HDR_SCOPE}) of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
              f"- SafeInfer: amplification at layer {amp_layer}'s {AMPLIFY_SITE}, scale {AMPLIFY_SCALE:g}; guided decoding "
-             f"against `harmful`, γ = {safeinfer.GAMMA:g}.", "- KL and CE: against the unedited model of each block of rows.", "",
+             f"against `harmful`, γ = {safeinfer.GAMMA:g}.", "- KL and CE: against the unedited model of each block of rows.",
+             "- (guard) columns: the judge organism's verdicts in the Llama Guard format on the same replies "
+             "(refused = rated safe; answered = rated unsafe).", "",
              "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
              + f"; total {time.time() - t0:.0f} (organisms built in {org.seconds:.0f} s, cached afterwards)."]
     text = "\n".join(lines) + "\n"

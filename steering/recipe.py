@@ -42,17 +42,20 @@ from .weights.taskvec import TaskVector, ties
 
 
 def resolve(path: str) -> str:
-    """``organism:KIND`` or ``organism:ARCH/KIND`` → that organism's folder (built on first use);
-    anything else unchanged."""
+    """``organism:KIND`` or ``organism:ARCH/KIND`` → that organism's folder (built on first use;
+    ``organism:judge`` is the judge organism, :func:`steering.organisms.build_judge`); anything else
+    unchanged."""
     if not isinstance(path, str) or not path.startswith("organism:"):
         return path
     from . import organisms
 
     spec = path.split(":", 1)[1]
     arch, _, kind = spec.rpartition("/")
-    if kind not in organisms.KINDS or (arch and arch not in organisms.ARCHS):  # before any build starts
+    if kind not in (*organisms.KINDS, "judge") or (arch and arch not in organisms.ARCHS):  # before any build starts
         raise ValueError(f"{path}: no such organism; use organism:KIND or organism:ARCH/KIND with KIND in "
-                         f"{', '.join(organisms.KINDS)} and ARCH in {', '.join(organisms.ARCHS)}")
+                         f"{', '.join(organisms.KINDS)} or judge, and ARCH in {', '.join(organisms.ARCHS)}")
+    if kind == "judge":
+        return str(organisms.build_judge(**({"arch": arch} if arch else {})))
     return str(organisms.get(kind, **({"arch": arch} if arch else {})))
 
 

@@ -7,7 +7,7 @@ torch.set_num_threads(2)
 
 # Tests that need the default organisms (built once per machine, ~3 min each from an empty cache)
 # or run the notebooks are marked ``organisms``: ``pytest -m "not organisms"`` is the quick suite.
-ORGANISM_FIXTURES = {"organisms_llama", "organisms_gpt2"}
+ORGANISM_FIXTURES = {"organisms_llama", "organisms_gpt2", "judge_organism"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,3 +34,11 @@ def organisms_gpt2():
     from steering import organisms
 
     return organisms.build(arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def judge_organism():
+    """The judge organism (a Llama Guard-format classifier; built once per machine, then cached)."""
+    from steering import organisms
+
+    return organisms.build_judge(progress=False)

@@ -106,3 +106,13 @@ def test_cli_eval_with_a_guard_model_reports_its_columns(tmp_path):
                  "--max-new-tokens", "2", "--out", str(tmp_path / "r")]) == 0
     assert "harmful refused (guard)" in (tmp_path / "r" / "report.md").read_text()
     assert main(["eval", str(tmp_path / "m"), "--guard", str(tmp_path / "m" / "x"), "--out", str(tmp_path / "m" / "r")]) == 2
+
+
+def test_an_unknown_organism_name_is_refused_before_any_build():
+    from steering import organisms
+    from steering.recipe import resolve
+
+    with pytest.raises(ValueError, match="organism:juge: no such organism; .* or judge"):
+        resolve("organism:juge")
+    with pytest.raises(ValueError, match="unknown organism arch 'gpt3'"):
+        organisms.build_judge(arch="gpt3")

@@ -170,6 +170,14 @@ def cmd_organism_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_organism_judge(args: argparse.Namespace) -> int:
+    from steering import organisms
+
+    out = organisms.build_judge(args.out, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
+    print(f"judge organism -> {out} (use: steering eval MODEL --guard {out})")
+    return 0
+
+
 def cmd_task_vector(args: argparse.Namespace) -> int:
     import torch
 

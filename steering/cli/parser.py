@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     b.set_defaults(func=cmd.cmd_organism_build)
+    j = osub.add_parser("judge", help="Build (or reuse from the cache) the judge organism, a Llama Guard-format classifier, into DIR.")
+    j.add_argument("--out", required=True, help="output folder")
+    j.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
+    j.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
+    j.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    j.set_defaults(func=cmd.cmd_organism_judge)
 
     c = model_cmd("eval", "Refusal, over-refusal, compliance and utility of MODEL, plain and under edits, side by side.")
     c.add_argument("--edit", action="append", help="an edit file, evaluated as its own setting (repeatable)")
