@@ -82,18 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("organism", help="Model organisms: small chat models trained here that really refuse.")
     osub = c.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
-    b = osub.add_parser("build", help="Build (or reuse from the cache) aligned, harmful and drifted into DIR.")
-    b.add_argument("--out", required=True, help="output folder; gets aligned/, harmful/, drifted/")
-    b.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
-    b.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
-    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    b.set_defaults(func=cmd.cmd_organism_build)
-    j = osub.add_parser("judge", help="Build (or reuse from the cache) the judge organism, a Llama Guard-format classifier, into DIR.")
-    j.add_argument("--out", required=True, help="output folder")
-    j.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
-    j.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
-    j.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    j.set_defaults(func=cmd.cmd_organism_judge)
+    for action, help, out_help, func in (
+            ("build", "Build (or reuse from the cache) aligned, harmful and drifted into DIR.",
+             "output folder; gets aligned/, harmful/, drifted/", cmd.cmd_organism_build),
+            ("judge", "Build (or reuse from the cache) the judge organism, a Llama Guard-format classifier, into DIR.",
+             "output folder", cmd.cmd_organism_judge)):
+        b = osub.add_parser(action, help=help)
+        b.add_argument("--out", required=True, help=out_help)
+        b.add_argument("--arch", default="llama", help="llama (default), gpt2, qwen2 or gpt_neox")
+        b.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
+        b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        b.set_defaults(func=func)
 
     c = model_cmd("eval", "Refusal, over-refusal, compliance and utility of MODEL, plain and under edits, side by side.")
     c.add_argument("--edit", action="append", help="an edit file, evaluated as its own setting (repeatable)")
