@@ -91,7 +91,8 @@ SKILLS = tuple(GENERATORS)
 
 
 def items(skill: str, split: str = "test", n: int | None = 64, seed: int = 0) -> list[Item]:
-    """The first ``n`` distinct items of ``skill`` in ``split`` (a fixed order for each ``seed``)."""
+    """The first ``n`` distinct items of ``skill`` in ``split`` (a fixed order for each ``seed``;
+    ``n=None``: the first 2,000)."""
     if skill not in GENERATORS:
         raise ValueError(f"unknown skill {skill!r}; skills are {', '.join(SKILLS)}")
     if split not in SPLITS:
