@@ -81,14 +81,14 @@ class Report:
         return [k for k in GUARD_METRICS if any(k in r for r in self.rows.values())]
 
     def table(self) -> str:
-        skills = self.guard_keys + self.skill_keys
+        extra = self.guard_keys + self.skill_keys
         head = "| setting | harmful refused | harmless refused | XSTest safe refused | XSTest unsafe answered | KL | CE |"
-        head += "".join(f" {GUARD_LABELS.get(k, k[6:] if k.startswith('skill_') else k)} |" for k in skills)
-        lines = [head, "|---|---|---|---|---|---|---|" + "---|" * len(skills)]
+        head += "".join(f" {GUARD_LABELS.get(k, k[6:] if k.startswith('skill_') else k)} |" for k in extra)
+        lines = [head, "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         for name, r in self.rows.items():
             cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k in METRICS[:4]]
             cells += [f"{r[k]:.3f}" if k in r else "–" for k in METRICS[4:]]
-            cells += [f"{100 * r[k]:.1f}%" if k in r else "–" for k in skills]
+            cells += [f"{100 * r[k]:.1f}%" if k in r else "–" for k in extra]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -252,7 +252,9 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     rows: dict[str, dict[str, float]] = {}
     from . import skills as skill_tasks
 
-    tasks = {k: skill_tasks.items(k, "test", n_skill) for k in skills}
+    tasks = list(skills)
+    for k in tasks:  # an unknown name fails here, before any generation
+        skill_tasks.items(k, "test", 1)
     bar = tqdm(total=len(settings) * (len(prompts) + 1 + len(tasks)), desc="evaluate", disable=not progress)
     for s in settings:
         m = _resolve(s, base, loaded)
@@ -277,10 +279,10 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
                 row["harmful_refusal_guard" if key == "harmful" else "xstest_compliance_guard"] = (
                     safe if key == "harmful" else 1.0 - safe)
             bar.update()
-        for key, its in tasks.items():
-            outs = si_generate(m, [it.prompt for it in its], unsafe=unsafe, amplify=s.amplify, edits=list(s.edits),
-                               gamma=gamma, max_new_tokens=16, batch_size=batch_size)
-            row[f"skill_{key}"] = sum(skill_tasks.is_correct(o, it.answer) for o, it in zip(outs, its)) / len(its)
+        for key in tasks:  # decoded as the setting decodes
+            row[f"skill_{key}"] = skill_tasks.accuracy(
+                m, key, n=n_skill, generate=lambda ps: si_generate(m, ps, unsafe=unsafe, amplify=s.amplify, edits=list(s.edits),
+                                                                   gamma=gamma, max_new_tokens=16, batch_size=batch_size))
             bar.update()
         if tasks:
             row["utility"] = sum(row[f"skill_{k}"] for k in tasks) / len(tasks)
@@ -295,6 +297,6 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     bar.close()
     meta = {"model": base.name, "sets": sets, "max_new_tokens": max_new_tokens, "n_utility": len(u_prompts),
             "judge": getattr(judge, "__name__", type(judge).__name__), "limit": limit,
-            **({"skills": list(tasks), "n_skill": n_skill} if tasks else {}),
+            **({"skills": tasks, "n_skill": n_skill} if tasks else {}),
             **({"guard": getattr(guard, "__name__", type(guard).__name__)} if guard is not None else {})}
     return Report(rows, meta)

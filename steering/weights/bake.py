@@ -266,7 +266,7 @@ def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[s
     (:func:`write_hf`). ``sources`` are further inputs (the edit files) the output must not
     overwrite. Returns the folder and whether it was streamed."""
     from ..edits import Ablation
-    from ..model import Model, load
+    from ..model import as_model, load
 
     is_folder = isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
     if stream and is_folder and isinstance(edit, Ablation):
@@ -277,12 +277,7 @@ def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[s
             if log is not None:
                 log(f"cannot stream ({e}); loading the model")
     named = isinstance(model, (str, os.PathLike))
-    m = load(model, trust_remote_code=trust_remote_code) if named else model
-    if not isinstance(m, Model):
-        from ..model import as_model
-
-        m = as_model(m)
-    baked = edit.bake(m)
+    baked = edit.bake(load(model, trust_remote_code=trust_remote_code) if named else as_model(model))
     srcs = [model, *sources] if named else list(sources)
     return write_hf(baked, out, {"method": "bake", **provenance}, overwrite=overwrite, sources=srcs,
                     keep_remote_code=trust_remote_code, progress=progress), False
