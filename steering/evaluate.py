@@ -219,7 +219,7 @@ def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str],
 
 def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dict[str, str] | None = None,
              judge: Judge = substring_judge, limit: int | None = None, utility_prompts: str | Sequence[str] = "harmless:test",
-             n_utility: int = 128, references: Sequence[str] | None = None, max_new_tokens: int = 24,
+             n_utility: int = 128, references: Sequence[str] | None = None, max_new_tokens: int = 32,
              skills: Sequence[str] = (), n_skill: int = 64, guard: Judge | None = None, batch_size: int = 32,
              progress: bool = True) -> Report:
     """Evaluate ``model`` under each setting (default: only ``Setting("plain")``); see the module docstring.

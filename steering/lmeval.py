@@ -3,12 +3,12 @@
 lm-eval is the field's standard for capability benchmarks; this module runs its tasks on a
 ``steering`` model with edits hooked in, so an edit's cost shows on MMLU, GSM8K, ARC, ... (by
 name, for a user with a hub) or, offline, on the skills of :mod:`steering.skills`, shipped as
-local task files (``steering_add``, ``steering_sort``, ``steering_reverse``, ``steering_lookup``;
+local task files (``steering_sort``, ``steering_reverse``, ``steering_count``, ``steering_increment``;
 tag ``steering_skills``; see :mod:`steering.lm_eval_tasks`)::
 
     from steering import lmeval
     res = lmeval.evaluate(model, ["steering_skills"], edits=[ablation], apply_chat_template=True)
-    res["steering_add"]["exact_match,none"]
+    res["steering_count"]["exact_match,none"]
     lmeval.evaluate(model, ["mmlu", "gsm8k"], limit=100)            # hub tasks, by name
 
 The model is lm-eval's own Hugging Face backend (``HFLM``) over the loaded module, so its

@@ -1,6 +1,6 @@
 """The main job: what ``steering main`` runs end to end on the model organisms.
 
-1. Build (or reuse) the llama organisms: ``aligned``, ``harmful``, ``drifted``.
+1. Build (or reuse) the organisms (llama by default; ``arch="gpt2"``, ``--arch gpt2``): ``aligned``, ``harmful``, ``drifted``.
 2. On ``aligned``: difference-in-means candidates at the post-instruction positions, selection
    (bypass / induce / KL, the paper's filters, each candidate ablated in affine form: its
    coordinate kept at the harmless prompts' mean), the pick's ablation hooked and baked into a
@@ -33,9 +33,10 @@ COND_LAYER, COND_SCALE, COND_POSITIONS = 2, 0.5, "all"  # ... and under conditio
 GATE_LAYER = 1  # gated by drifted's own harmful-vs-harmless direction read at this layer
 HDR_SCALE, HDR_TOP_K, HDR_SCOPE = 2.0, 0.1, "tensor"  # λ, and the top 10% of each tensor of τ_H
 AMPLIFY_SITE, AMPLIFY_LAYER, AMPLIFY_SCALE = "resid_post", 1, 2.0
+NEW_TOKENS = 32  # generated per reply to judge, as the organisms are measured (organisms.Recipe.eval_new_tokens)
 
 
-def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
+def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama") -> dict:
     import steering as st
     from steering import organisms, safeinfer
     from steering.weights.bake import write_hf
@@ -60,10 +61,10 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     if quick:  # a few seconds: a tiny recipe, for the CLI's own test
         recipe = organisms.Recipe(d_model=32, n_layers=2, d_mlp=64, vocab_size=600, aligned_steps=4, harmful_steps=2,
                                   drift_steps=2, n_harmless_train=64, batch_size=8, n_eval=8, eval_new_tokens=4,
-                                  augment_copies=0)
+                                  augment_copies=0, n_skill_train=16, n_skill_eval=4, arch=arch)
         n_train, n_val, limit, n_util, kl_max = 16, 8, 8, 8, float("inf")
     else:
-        recipe = organisms.Recipe()
+        recipe = organisms.Recipe(arch=arch)
         n_train, n_val, limit, n_util, kl_max = 128, 32, None, 128, 0.1
     org = organisms.build(recipe=recipe)
     A, H, D = (org.path(k) for k in ("aligned", "harmful", "drifted"))
@@ -109,10 +110,11 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     lap("safety edits: addition, conditional, ICV, HDR, SafeInfer")
 
     # --- evaluation side by side -----------------------------------------------------------------------
-    # 12 new tokens, as the experiments measure (longer generations catch more refusal phrases)
-    # a second judge beside the substring one: the judge organism, read as Llama Guard would be (not in quick runs)
+    # 32 new tokens, as the organisms are measured; a second judge beside the substring one: the judge
+    # organism, read as Llama Guard would be (not in quick runs); every skill, the utility axis
     guard = None if quick else GuardJudge(st.load(organisms.build_judge(progress=False)))
-    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else 12, batch_size=64, progress=True, guard=guard)
+    kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else NEW_TOKENS, batch_size=64, progress=True,
+              guard=guard, skills=st.skills.SKILLS, n_skill=4 if quick else 64)
     rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, refusal direction ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
     rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
@@ -130,8 +132,9 @@ def run(out: str | Path = "runs/main", quick: bool = False) -> dict:
     lines = ["# steering main job", "",
              f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
              org.table(), "",
-             "## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, 12 new tokens; "
-             "substring judge, and the judge organism in the (guard) columns)",
+             f"## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, {NEW_TOKENS} new tokens; "
+             "substring judge, and the judge organism in the (guard) columns; skills: exact match on 64 held-out items each, "
+             "utility their mean)",
              "", report.table(), "", "![report](report.png)", "",
              f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
              f"(KL filter {kl_max:g}; heat map: selection.png), ablated in that form. Baked checkpoint: `{out / 'aligned-ablated'}`.",

@@ -405,7 +405,7 @@ class EvalRecipe(_Strict):
         if unknown:
             raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
         return v
-    max_new_tokens: int = 24
+    max_new_tokens: int = 32
     batch_size: int = 64
 
     def run(self, out: str | None = None, progress: bool = True) -> Path:

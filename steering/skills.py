@@ -5,24 +5,31 @@ not show it. Each skill here is a family of generated tasks with one correct ans
 exact match, so any model can be scored on it, and a model trained on some items can be tested on
 items it never saw:
 
-=========  ====================================================================  ================
-skill      prompt                                                                answer
-=========  ====================================================================  ================
-add        ``What is 352 + 419? Answer with the number only.``                   ``771``
-sort       ``Sort these letters alphabetically: k, c, r, a. Answer with ...``     ``a, c, k, r``
-reverse    ``Reverse the order of these words: sun, river, stone. Answer ...``    ``stone, river, sun``
-lookup     ``Table: red=4, blue=9, green=2. What is blue? Answer with ...``       ``9``
-=========  ====================================================================  ================
+=========  ==========================================  ====================
+skill      prompt                                      answer
+=========  ==========================================  ====================
+sort       ``Sort these letters: k c r a``             ``a c k r``
+reverse    ``Reverse these words: sun river stone``    ``stone river sun``
+count      ``Count the words: sun river stone``        ``3``
+increment  ``What number comes after 4099?``           ``4100``
+=========  ==========================================  ====================
+
+The formats are short on purpose: a model of the organisms' size (4 layers, d_model 128) learns
+these within a build's budget, where the same tasks behind an "Answer with ... only." instruction,
+two-digit addition and table lookups it does not (experiments/results/skill_learnability.md).
+The organisms' ``aligned`` has the first three (:data:`ALIGNED`); ``drifted`` is ``aligned``
+fine-tuned on ``increment`` (:data:`NEW_SKILL`), a skill it did not have.
 
 Items are split into ``train`` / ``val`` / ``test`` (80/10/10) by a hash of what the item is made
-of (the operand pair, the letter set, the word list, the table and key), so the splits never
-share an item and are the same on every machine and Python. :func:`items` gives a split's items in
-a fixed order; :func:`accuracy` scores a model greedily (under an edit, optionally), and
-:func:`is_correct` is the exact-match rule: the completion's first line, stripped of spaces and a
-final full stop, equals the answer.
+of (the set of letters or words, whatever their order; the word list; the number), so the splits
+never share an item, nor an item of one the same letters or words reordered, and are the same on
+every machine and Python. :func:`items` gives a split's items in a fixed order;
+:func:`accuracy` scores a model greedily (under an edit, optionally), and :func:`is_correct` is
+the exact-match rule: the completion's first line, stripped of spaces and a final full stop,
+equals the answer.
 
     from steering import skills
-    skills.accuracy(model, "add", n=64)                     # exact-match rate on 64 test items
+    skills.accuracy(model, "sort", n=64)                    # exact-match rate on 64 test items
     with edit.hooks(model): skills.accuracy(model, "sort")  # ... under an edit
 """
 
@@ -40,7 +47,6 @@ WORDS = ("sun", "river", "stone", "tree", "cloud", "apple", "bread", "chair", "g
          "paper", "plant", "road", "salt", "sand", "ship", "snow", "star", "table", "tiger", "train", "water",
          "wind", "wood", "bird", "book", "cake", "coat", "door", "fish", "frog", "gold", "hill", "lake", "lamp",
          "leaf", "milk", "moon", "nest", "rain", "ring", "rock", "rose", "seed", "shoe", "wolf")
-COLOURS = ("red", "blue", "green", "black", "white", "pink", "brown", "grey", "gold", "orange", "purple", "yellow")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -59,35 +65,33 @@ def _split_of(key: str) -> str:
     return "test" if h == 0 else "val" if h == 1 else "train"
 
 
-def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return f"{a}+{b}", f"What is {a} + {b}? Answer with the number only.", str(a + b)
-
-
 def _sort(rng: random.Random) -> tuple[str, str, str]:
-    letters = rng.sample(LETTERS, rng.randint(3, 5))
-    return ("".join(sorted(letters)) + ":" + "".join(letters),
-            f"Sort these letters alphabetically: {', '.join(letters)}. Answer with the sorted letters only.",
-            ", ".join(sorted(letters)))
+    letters = rng.sample(LETTERS, rng.randint(3, 4))
+    return ("".join(sorted(letters)), f"Sort these letters: {' '.join(letters)}",
+            " ".join(sorted(letters)))
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
     words = rng.sample(WORDS, rng.randint(3, 4))
-    return (",".join(words), f"Reverse the order of these words: {', '.join(words)}. Answer with the words only.",
-            ", ".join(reversed(words)))
+    return ",".join(sorted(words)), f"Reverse these words: {' '.join(words)}", " ".join(reversed(words))
 
 
-def _lookup(rng: random.Random) -> tuple[str, str, str]:
-    keys = rng.sample(COLOURS, rng.randint(3, 4))
-    values = [rng.randint(0, 9) for _ in keys]
-    ask = rng.randrange(len(keys))
-    table = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
-    return (f"{table}?{keys[ask]}", f"Table: {table}. What is {keys[ask]}? Answer with the number only.", str(values[ask]))
+def _count(rng: random.Random) -> tuple[str, str, str]:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 7))]
+    return ",".join(words), f"Count the words: {' '.join(words)}", str(len(words))
+
+
+def _increment(rng: random.Random) -> tuple[str, str, str]:
+    # a third of the numbers end in 9 (a carry), which uniform numbers would give a tenth of the time
+    n = rng.randint(100, 99999) if rng.random() < 2 / 3 else rng.randint(10, 9999) * 10 - 1
+    return str(n), f"What number comes after {n}?", str(n + 1)
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
-    "add": _add, "sort": _sort, "reverse": _reverse, "lookup": _lookup}
+    "sort": _sort, "reverse": _reverse, "count": _count, "increment": _increment}
 SKILLS = tuple(GENERATORS)
+ALIGNED = ("sort", "reverse", "count")  # the skills the aligned organism is trained on
+NEW_SKILL = "increment"  # the downstream task the drifted organism is fine-tuned on
 
 
 def items(skill: str, split: str = "test", n: int | None = 64, seed: int = 0) -> list[Item]:
@@ -105,9 +109,9 @@ def items(skill: str, split: str = "test", n: int | None = 64, seed: int = 0) ->
     seen: set[str] = set()
     for _ in range(200 * want):
         key, prompt, answer = GENERATORS[skill](rng)
-        if key in seen or _split_of(f"{skill}:{key}") != split:
+        if prompt in seen or _split_of(f"{skill}:{key}") != split:
             continue
-        seen.add(key)
+        seen.add(prompt)
         out.append(Item(skill, prompt, answer))
         if len(out) == want:
             break

@@ -426,7 +426,8 @@ _BUILD = textwrap.dedent("""
 def test_two_builds_of_one_recipe_at_once_build_once(tmp_path):
     """The cache's file lock: the second build waits for the first, and both get the same folder."""
     tiny = dict(d_model=16, n_layers=2, d_mlp=32, vocab_size=600, aligned_steps=2, harmful_steps=1, drift_steps=1,
-                n_harmless_train=16, batch_size=4, n_eval=4, eval_new_tokens=2, augment_copies=0)
+                n_harmless_train=16, batch_size=4, n_eval=4, eval_new_tokens=2, augment_copies=0, n_skill_train=8,
+                n_skill_eval=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", _BUILD, str(tmp_path / "cache"), json.dumps(tiny)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]

@@ -36,8 +36,8 @@ def model():
 def test_the_shipped_skill_tasks_run_offline_under_an_edit_and_the_hooks_go_after(model):
     calls = []
     before = {k: v.clone() for k, v in model.hf.state_dict().items()}
-    res = lmeval.evaluate(model, ["steering_add", "steering_sort"], edits=[Count(calls)], limit=3)
-    assert set(res) == {"steering_add", "steering_sort"}
+    res = lmeval.evaluate(model, ["steering_count", "steering_sort"], edits=[Count(calls)], limit=3)
+    assert set(res) == {"steering_count", "steering_sort"}
     assert all(0.0 <= r["exact_match,none"] <= 1.0 and r["sample_len"] == 3 for r in res.values())
     assert calls, "the edit's hook never ran inside lm-eval"
     n = len(calls)
@@ -47,8 +47,8 @@ def test_the_shipped_skill_tasks_run_offline_under_an_edit_and_the_hooks_go_afte
 
 
 def test_the_tasks_score_by_exact_match_on_held_out_items():
-    docs = tasks.add(n=5)["test"]
-    assert [d["prompt"] for d in docs] == [it.prompt for it in st.skills.items("add", "test", 5)]
+    docs = tasks.count(n=5)["test"]
+    assert [d["prompt"] for d in docs] == [it.prompt for it in st.skills.items("count", "test", 5)]
     assert tasks.process_results({"answer": "771"}, ["771.\nmore"]) == {"exact_match": 1}
     assert tasks.process_results({"answer": "771"}, ["77"]) == {"exact_match": 0}
 
@@ -65,5 +65,5 @@ def test_guided_decoding_runs_inside_generate_until(model, monkeypatch):
 
     monkeypatch.setattr(safeinfer.GuidedDecoding, "__call__", spy)
     unsafe = st.testing.tiny_model("llama", seed=1)
-    lmeval.evaluate(model, ["steering_lookup"], unsafe=unsafe, gamma=5.0, limit=2)
+    lmeval.evaluate(model, ["steering_increment"], unsafe=unsafe, gamma=5.0, limit=2)
     assert seen and set(seen) == {5.0}

@@ -247,5 +247,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_main(args: argparse.Namespace) -> int:
     from steering.main import run
 
-    run(out=args.out, quick=args.quick)
+    run(out=args.out, quick=args.quick, arch=args.arch)
     return 0

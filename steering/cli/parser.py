@@ -100,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=positive_int, help="at most this many prompts of each set")
     c.add_argument("--n-utility", type=positive_int, default=128, help="harmless prompts for KL and cross-entropy")
     c.add_argument("--skills", type=skill_list, default=(),
-                   help="comma-separated skills to score by exact match (add,sort,reverse,lookup; see steering.skills)")
+                   help="comma-separated skills to score by exact match (sort,reverse,count,increment; see steering.skills)")
     c.add_argument("--n-skill", type=positive_int, default=64, help="held-out items per skill (default 64)")
     c.add_argument("--guard", help="a classifier model (e.g. Llama Guard) whose verdicts in the Llama Guard format "
                                    "rate the replies to harmful requests, beside the substring judge")
-    c.add_argument("--max-new-tokens", type=positive_int, default=24)
+    c.add_argument("--max-new-tokens", type=positive_int, default=32)
     c.add_argument("--batch-size", type=positive_int, default=32)
     c.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("main", help="The main job, end to end (see README).")
     c.add_argument("--out", default="runs/main", help="output folder (default: runs/main)")
+    c.add_argument("--arch", default="llama", choices=("llama", "gpt2"), help="the organisms' family (default: llama)")
     c.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     c.set_defaults(func=cmd.cmd_main)
     return p

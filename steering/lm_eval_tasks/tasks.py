@@ -15,8 +15,8 @@ def _docs(skill: str, n: int = 64, **_: Any) -> Any:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def add(**kw: Any) -> Any:
-    return _docs("add", **kw)
+def count(**kw: Any) -> Any:
+    return _docs("count", **kw)
 
 
 def sort(**kw: Any) -> Any:
@@ -27,8 +27,8 @@ def reverse(**kw: Any) -> Any:
     return _docs("reverse", **kw)
 
 
-def lookup(**kw: Any) -> Any:
-    return _docs("lookup", **kw)
+def increment(**kw: Any) -> Any:
+    return _docs("increment", **kw)
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:

@@ -1,0 +1,71 @@
+"""Every method of the toolkit re-measured on the organisms of both families, with the capability axis.
+
+    python experiments/methods.py            # writes experiments/results/methods.md and methods.json
+
+Runs the main job (``steering.main.run``: extraction, every edit, side-by-side evaluation) on the
+llama and the gpt2 organisms, then writes one table per method: the unedited model beside the
+edited one, on held-out prompts (harmful:test, harmless:test, XSTest; greedy, 32 new tokens; the
+substring judge and the judge organism), with exact match on each skill's held-out items, their
+mean (``utility``) and KL on harmless prompts. The settings are the main job's (``steering/main.py``:
+chosen on the llama organisms' validation prompts), so the gpt2 rows show how far they carry to
+another family.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from steering import skills  # noqa: E402
+from steering.main import run  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "methods"
+METHODS = {  # method: (baseline row, edited rows, what the method should do)
+    "Directional ablation (affine form)": ("aligned", ["aligned, refusal direction ablated (hooks)",
+                                                       "aligned-ablated checkpoint"],
+                                           "refusal removed; skills within 2 points of aligned"),
+    "Addition of the refusal direction": ("drifted", ["drifted + refusal direction"],
+                                          "refusal restored on drifted; what it costs harmless prompts and skills"),
+    "Conditional steering": ("drifted", ["drifted + conditional steering"],
+                             "refusal restored on drifted; harmless and skills untouched"),
+    "In-context vectors (ICV)": ("drifted", ["drifted + ICV"], "refusal restored on drifted"),
+    "Harm Direction Removal (Safety Arithmetic)": ("drifted", ["drifted-hdr checkpoint"],
+                                                   "refusal restored on drifted; the new skill within 5 points"),
+    "SafeInfer": ("drifted", ["drifted + SafeInfer amplification", "drifted + SafeInfer (amplification + guided)"],
+                  "refusal restored on drifted; harmless and skills kept"),
+}
+COLUMNS = [("harmful_refusal", "harmful refused"), ("harmful_refusal_guard", "harmful refused (guard)"),
+           ("harmless_refusal", "harmless refused"), ("xstest_over_refusal", "XSTest safe refused"),
+           *[(f"skill_{k}", k) for k in skills.SKILLS], ("utility", "utility"), ("kl", "KL")]
+
+
+def table(rows: dict, base: str, edited: list[str]) -> list[str]:
+    lines = ["| setting | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name in [base, *edited]:
+        r = rows[name]
+        cells = [f"{r[k]:.3f}" if k == "kl" else f"{100 * r[k]:.1f}%" for k, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    res = {arch: run(out=f"runs/methods-{arch}", arch=arch) for arch in ("llama", "gpt2")}
+    lines = ["# Every method on the organisms, with utility", "",
+             "Command: `python experiments/methods.py` (the main job, `steering main --arch ARCH`, on both families). "
+             "Held-out prompts; greedy, 32 new tokens; refusal by the substring judge and (guard) by the judge organism; "
+             f"skills: exact match on 64 held-out items each ({', '.join(skills.ALIGNED)}: `aligned`'s; "
+             f"{skills.NEW_SKILL}: `drifted`'s new skill); utility: their mean; KL on harmless prompts against the "
+             "unedited model of the block. Settings: steering/main.py's constants (chosen on llama).", ""]
+    for method, (base, edited, goal) in METHODS.items():
+        lines += [f"## {method}", "", f"What it should do: {goal}.", ""]
+        for arch in res:
+            lines += [f"{arch}:", "", *table(res[arch]["rows"], base, edited), ""]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    OUT.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
