@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from steering import datasets, organisms  # noqa: E402
+from steering.datasets import _sources  # noqa: E402
 from steering.model import load  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "organisms"
@@ -41,7 +42,7 @@ def frames(path: Path, recipe: organisms.Recipe) -> dict[str, dict[str, float]]:
 def leave_one_out(arch: str) -> dict[str, dict[str, float]]:
     """For each harmful source: aligned trained without it, refusal on all of it and on the usual test sets."""
     out = {}
-    for source in datasets.HARMFUL_POOL:
+    for source in _sources.HARMFUL_POOL:
         recipe = organisms.Recipe(arch=arch, held_out_source=source)
         model, tok = organisms.train_aligned(recipe)
         held = datasets.load(source)

@@ -26,7 +26,9 @@ import json
 import time
 from pathlib import Path
 
-# chosen on validation prompts by experiments/directions.py, hdr.py and safeinfer.py (llama organisms)
+# chosen on validation prompts by experiments/directions.py, hdr.py and safeinfer.py on the llama organisms
+# before they had skills (issue 21: a search on the model at hand replaces them); re-measured on
+# today's organisms of both families by experiments/methods.py
 # aligned's refusal direction (unit, read at the pick's position) added to drifted at LAYER × SCALE
 ADD_LAYER, ADD_SCALE, ADD_POSITIONS = 2, 0.7, "all"  # plainly
 COND_LAYER, COND_SCALE, COND_POSITIONS = 2, 0.5, "all"  # ... and under conditional steering,

@@ -1,9 +1,12 @@
+import os
+
 import pytest
 import torch
 
 from steering.testing import FAMILIES, tiny_model
 
-torch.set_num_threads(2)
+# 2 (the CI machine's cores); STEERING_TEST_THREADS=1 beside another job, since torch spin-waits
+torch.set_num_threads(int(os.environ.get("STEERING_TEST_THREADS", "2")))
 
 # Tests that need the default organisms (built once per machine, ~3 min each from an empty cache)
 # or run the notebooks are marked ``organisms``: ``pytest -m "not organisms"`` is the quick suite.
