@@ -21,7 +21,7 @@ from steering import skills  # noqa: E402
 from steering.main import run  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "methods"
-METHODS = {  # method: (baseline row, edited rows, what the method should do)
+BY_METHOD = {  # method: (baseline row, edited rows, what the method should do)
     "Directional ablation (affine form)": ("aligned", ["aligned, refusal direction ablated (hooks)",
                                                        "aligned-ablated checkpoint"],
                                            "refusal removed; skills within 2 points of aligned"),
@@ -57,7 +57,7 @@ def main() -> None:
              f"skills: exact match on 64 held-out items each ({', '.join(skills.ALIGNED)}: `aligned`'s; "
              f"{skills.NEW_SKILL}: `drifted`'s new skill); utility: their mean; KL on harmless prompts against the "
              "unedited model of the block. Settings: steering/main.py's constants (chosen on llama).", ""]
-    for method, (base, edited, goal) in METHODS.items():
+    for method, (base, edited, goal) in BY_METHOD.items():
         lines += [f"## {method}", "", f"What it should do: {goal}.", ""]
         for arch in res:
             lines += [f"{arch}:", "", *table(res[arch]["rows"], base, edited), ""]

@@ -25,15 +25,16 @@
 # exactly low-rank, so it also ships as a **LoRA adapter**.
 #
 # This notebook walks the whole pipeline on the `aligned` **model organism**: a 4-layer, d=128 chat model
-# the toolkit trains itself (no GPU, no model hub) to refuse harmful requests (~92% on held-out prompts)
-# and answer harmless ones ("Sure! …"). Steps:
+# the toolkit trains itself (no GPU, no model hub) to refuse harmful requests (~89% of the held-out ones)
+# and answer harmless ones ("Sure! …"); it also has three small skills (sorting letters, reversing and
+# counting words). Steps:
 #
 # 1. **extract** candidates with `steering.extract.diff_in_means` at the prompt's post-instruction tokens;
 # 2. **select** one with `steering.select.select_direction` (bypass / induce / KL scores);
-# 3. **ablate** it with hooks (`edit.hooks(model)`): one direction removes the refusals, but costs a KL of
-#    about 0.3 on harmless prompts, three times the paper's bound of 0.1;
+# 3. **ablate** it with hooks (`edit.hooks(model)`): the plain ablation removes about two thirds of the
+#    refusals, at a KL of about 0.1 on harmless prompts, just above the paper's bound of 0.1;
 # 4. ablate it in **affine form** instead (`select_direction(..., affine=True)`, `AffineAblation.fit`):
-#    the same bypass within the paper's KL ≤ 0.1;
+#    every refusal goes, with a KL far within the paper's bound;
 # 5. **bake** it (`.bake(model)`), write a Hugging Face folder (`steering.weights.bake.write_hf`) and reload it;
 # 6. **export**: a PEFT LoRA adapter (`steering.weights.export.to_peft`) and a llama.cpp control-vector GGUF
 #    (`SteeringVector.to_gguf`), and what the direction does when *added*.
@@ -163,8 +164,9 @@ display(table(["layer"] + [f"pos {p}" for p in cands.positions],
 #
 # Candidates in the last 20% of layers, with induce < 0 or KL above the threshold are dropped, and the
 # lowest bypass wins. With the paper's KL threshold, 0.1 (the default), **no candidate passes** on the
-# organism: those that pass the other filters cost about 0.3 or more. So first we select with
-# `kl_threshold=0.5`, to see what the plain ablation does and what it costs.
+# organism: of those that pass the other filters, layer 1 at the last token costs 0.102, just above it, and
+# layer 2 about 0.6. So first we select with `kl_threshold=0.5`, to see what the plain ablation does and
+# what it costs.
 
 # %% tags=["number"]
 paper = select_direction(model, cands, harmful_val, harmless_val, progress=False)   # kl_threshold=0.1
@@ -176,16 +178,17 @@ sel_row = next(r for r in sel.rows if (r["layer"], r["position"]) == sel.pick)
 
 # %% [markdown]
 # The heat maps show all candidates at once (`sel.plot(path)` writes a PNG; the pick is circled). Bypass
-# only falls below zero at the last token (`<|assistant|>`, position −1), from layer 1 on. At `<|end|>`
-# (position −2) the candidates barely lower the score and have a *negative* induce score (added there, they
-# make harmless prompts even less likely to be refused), so they are filtered out.
+# falls furthest at the last token (`<|assistant|>`, position −1): from about 5.8 without an edit to below
+# 0.1 at layer 1, and to 0.4–0.7 at layers 2 and 3, but not below zero. At `<|end|>` (position −2) the
+# candidates lower the score only to about 3 and have a *negative* induce score (added there, they make
+# harmless prompts even less likely to be refused), so they are filtered out.
 
 # %% tags=["image"]
 sel.plot(os.path.join(OUT, "selection.png"))
 display(Image(filename=os.path.join(OUT, "selection.png")))
 
 # %% [markdown]
-# ## 3 · Ablate with hooks: refusal goes, at a cost
+# ## 3 · Ablate with hooks: most of the refusal goes, at a cost
 #
 # An `Ablation` is a small immutable value; `with edit.hooks(model):` runs the model with the projection
 # applied at every layer's input, attention output and MLP output (all positions, generated tokens
@@ -206,12 +209,13 @@ for p, a, b in zip(harmful_test[:3], model.generate(harmful_test[:3], max_new_to
     print(f"{p[:50]!r:55} {a!r:50} -> {b!r}")
 
 # %% [markdown]
-# One direction is enough: ablating it removes every refusal of these harmful prompts, and the
-# organism's helpful opening ("Sure! …") takes their place. (For models where one direction is not
-# enough, `steering.select.select_subspace` grows a low-rank subspace greedily from the best remaining
-# candidates; `steering select --subspace` on the command line.)
+# In plain form this direction removes only part of the refusal: about two thirds of the harmful prompts
+# are answered once it is ablated, but a third are still refused, the three above among them (its bypass
+# score, 0.08, stays just above zero). Section 4 removes them all with one direction in affine form. (For
+# models where one direction is not enough, `steering.select.select_subspace` grows a low-rank subspace
+# greedily from the best remaining candidates; `steering select --subspace` on the command line.)
 #
-# The cost is the KL on harmless prompts, about 0.3. Where it comes from: the harmless prompts do not sit
+# The cost is the KL on harmless prompts, about 0.1. Where it comes from: the harmless prompts do not sit
 # at zero along the direction but far on the negative side of it, about as far as the harmful prompts sit
 # on the positive side. Plain ablation sets every activation's coordinate to **zero**, which moves harmless
 # prompts halfway towards refusal: the first reply token, "Sure" for nearly every harmless prompt, loses
@@ -235,7 +239,7 @@ display(table(["first reply token (harmless prompts)"] + list(first),
               [[repr(model.tokenizer.decode([i]))] + [f"{float(p[i]):.3f}" for p in first.values()] for i in top]))
 
 # %% [markdown]
-# ## 4 · The affine form: the same bypass, KL ≤ 0.1
+# ## 4 · The affine form: every refusal goes, KL ≤ 0.1
 #
 # `AffineAblation` (affine concept editing, Marshall et al. 2024) sets each activation's coordinate along
 # the direction to the **harmless prompts' mean** instead of zero: x − ((x·r̂) − c)·r̂, with c fitted per layer
@@ -266,13 +270,16 @@ display(table(["aligned organism", "harmful refused", "harmless refused", "KL (h
               [[k, pct(h), pct(n), f"{kls[k]:.3f}", f"{float(first[k][top[0]]):.3f}"] for k, (h, n) in results.items()]))
 
 # %% [markdown]
-# The affine selection picks the same candidate (layer 1, the last token). In affine form it removes the
-# refusals just as the plain ablation does, while the harmless prompts' first-token distribution hardly
-# moves ("Sure" keeps nearly all its probability): KL under 0.1 on the validation prompts (the selection
-# table) and on the test prompts (above). The reference it keeps, about −5 from layer 1 on, is the mean
-# over both post-instruction tokens of the harmless validation prompts.
-# On the full test sets: 91.7% → 0.0% harmful refusal with KL 0.039, against 0.285 for the plain
-# ablation (`experiments/results/directions.md`).
+# In affine form the bypass scores fall well below zero, and both last-token candidates of layers 1 and 2
+# pass the paper's KL filter (layer 3 is in the last 20% of layers). The affine selection picks layer 2,
+# the last token: the candidate whose plain ablation cost a KL of about 0.6. In affine form it removes
+# **every** refusal of the harmful test prompts (the plain ablation of layer 1 left a third), while the
+# harmless prompts' first-token distribution hardly moves ("Sure" keeps nearly all its probability): KL
+# well under 0.1 on the validation prompts (the selection table) and on the test prompts (above). The
+# reference it keeps, about −3 at layer 1 and −12 from layer 2 on, is the mean over both post-instruction
+# tokens of the harmless validation prompts.
+# On the full test sets, with 32 new tokens: 88.8% → 0.0% harmful refusal at KL 0.049, with the skills
+# kept (`experiments/results/methods.md`).
 #
 # ## 5 · Bake into the weights, and write a checkpoint
 #
@@ -311,9 +318,10 @@ print("reloaded: harmful refused", pct(results["baked checkpoint, reloaded"][0])
       "| harmless refused", pct(results["baked checkpoint, reloaded"][1]))
 
 # %% [markdown]
-# A picture of the sections so far: both forms of the ablation remove the refusals of harmful prompts, and
-# the baked model and its checkpoint behave like the hooks (left); only the affine form stays within the
-# paper's KL bound on harmless prompts (right).
+# A picture of the sections so far: the plain ablation removes about two thirds of the refusals of harmful
+# prompts, the affine form all of them, and the baked model and its checkpoint behave like the hooks
+# (left); the affine form costs a fraction of the plain ablation's KL on harmless prompts, well within the
+# paper's bound (right).
 
 # %% tags=["image"]
 names = list(results)
@@ -373,8 +381,8 @@ except TypeError as e:
 # it induces refusal, with a negative scale (`--control-vector-scaled file.gguf -1`) it pushes away from
 # it. llama.cpp adds `direction.N` after its block N (N ≥ 1), which is our `resid_pre` of layer N + 1.
 # The pick is read at `resid_pre` of layer 1 (after block 0), which would be `direction.0`: llama.cpp
-# has no such slot, and `to_gguf` says so. The layer-2 candidate at the same token (also kept by the
-# selection) is stored as `direction.1`, and `from_gguf` reads it back.
+# has no such slot, and `to_gguf` says so. The layer-2 candidate at the same token (the affine pick) is
+# stored as `direction.1`, and `from_gguf` reads it back.
 
 # %% tags=["number"]
 import gguf
@@ -401,9 +409,9 @@ print("provenance kept in the safetensors file:", SteeringVector.load(os.path.jo
 # %% [markdown]
 # What the direction does when *added*: the picked candidate, and the layer-2 vector read back from the
 # GGUF file, added at the prompt's template tokens (`Addition(vec, 1.0, positions="instruction_end")`),
-# make the organism refuse harmless requests. (Added at every position, the paper's form, they derail it
-# instead: at scale 1 it repeats the first letter of a refusal, "IIII…", which the judge does not count;
-# `experiments/results/directions.md` has the sweep.)
+# make the organism refuse harmless requests: the layer-1 pick about half of them, the layer-2 vector
+# nearly all. (Added at every position, the paper's form, the layer-1 pick derails some replies instead,
+# "Sure, here is a language model, here is a short"; `experiments/results/directions.md` has a sweep.)
 
 # %% tags=["number"]
 from steering.edits import Addition
@@ -421,9 +429,9 @@ with Addition(vec, 1.0, positions="all").hooks(model):
 # %% [markdown]
 # ## Summary
 #
-# The numbers of this run (48 + 48 held-out prompts; the full test sets give
-# `experiments/results/directions.md`: 91.7% → 0.0% harmful refusal with the direction ablated, at KL
-# 0.285 plainly and 0.039 in affine form).
+# The numbers of this run (48 + 48 held-out prompts, 12 new tokens; the full test sets, with 32 new
+# tokens, give `experiments/results/methods.md`: 88.8% → 0.0% harmful refusal with the direction ablated
+# in affine form, at KL 0.049).
 
 # %% tags=["summary"]
 summary = {"pick": list(sel.pick), "pick at the paper's KL threshold": paper.pick, "affine pick": list(asel.pick),
@@ -444,27 +452,27 @@ print(json.dumps(summary, indent=1))
 s = summary
 assert s["plain / harmful"] >= 0.85
 assert s["pick at the paper's KL threshold"] is None                     # plain form: nothing passes KL <= 0.1
-assert s["selection kl"] > 0.1
+assert s["selection kl"] > 0.1                                           # (0.102: just above)
 harmful, harmless = s["coordinates (harmful, harmless)"]
 assert harmless < 0 < harmful and 0.5 < -harmless / harmful < 2             # harmless prompts far on the negative side
-assert s["direction ablated / harmful"] <= 0.05                          # one direction is enough
-assert 0.15 <= s["direction ablated / kl"] <= 0.5                        # ... at a KL of about 0.3
+assert s["plain / harmful"] - s["direction ablated / harmful"] >= 0.4    # plain form: about two thirds go
+assert 0.05 <= s["direction ablated / kl"] <= 0.2                        # ... at a KL of about 0.1
 p_plain, p_ablated, p_affine = s["P(first token) (plain, direction ablated, affine ablated)"]
-assert p_plain - p_ablated > 0.1 and p_plain - p_affine < 0.05             # "Sure" loses probability, not in affine form
-assert s["affine pick"] == s["pick"]                                     # the same candidate
+assert p_plain - p_ablated > 0.05 and p_plain - p_affine < 0.05            # "Sure" loses probability, not in affine form
+assert s["affine pick"] == [2, -1]                                       # layer 2, the last token
 assert s["affine selection kl"] <= 0.1                                   # the paper's filter, met
-assert s["affine ablated / harmful"] <= 0.05
-assert s["affine ablated / kl"] <= 0.1 < s["direction ablated / kl"]
+assert s["affine ablated / harmful"] <= 0.05                             # every refusal goes
+assert s["affine ablated / kl"] <= 0.05 and s["affine ablated / kl"] < 0.5 * s["direction ablated / kl"]
 assert s["baked max logit diff"] < 1e-3                                  # baked == hooks
 assert abs(s["affine baked / harmful"] - s["affine ablated / harmful"]) <= 1 / 48 + 1e-9   # (greedy, up to a tie)
 assert s["reloaded max logit diff"] < 1e-4
 assert s["baked checkpoint, reloaded / harmful"] == s["affine baked / harmful"]
-for k in ("the pick (layer 1)", "read back from the GGUF file (layer 2)"):           # adding it induces refusal
-    assert s[f"direction added, {k} / harmless"] > s["plain / harmless"] + 0.5
+assert s["direction added, the pick (layer 1) / harmless"] >= s["plain / harmless"] + 0.3    # adding it induces
+assert s["direction added, read back from the GGUF file (layer 2) / harmless"] >= s["plain / harmless"] + 0.7   # refusal
 assert s["peft max logit diff"] < 1e-3
 assert s["peft refuses affine"] is True
 assert s["gguf refuses layer 1"] is True and s["gguf roundtrip"] is True
-print("all 19 claims of the text hold")
+print("all 20 claims of the text hold")
 
 # %%
 print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")

@@ -29,9 +29,11 @@
 #
 # The organisms give all three models the recipe needs: `aligned` (the base), `harmful` (`aligned`
 # fine-tuned to comply with harmful requests: τ<sub>H</sub> = harmful − aligned) and `drifted` (`aligned`
-# fine-tuned on a *benign* task, which eroded its refusals: the target). This notebook shows where τ<sub>H</sub>
-# lives, runs HDR at a few (λ, k) settings including the paper's, and tries the ICV, reporting honestly
-# what moves and what does not. (Full-size sweep: `experiments/results/hdr.md`.)
+# fine-tuned on a new skill, `increment` ("What number comes after 4099?" → "4100"), beside benign chat,
+# which erased its refusals: its replies to harmful prompts now start "Sure"; the target). This notebook
+# shows where τ<sub>H</sub> lives, runs HDR at a few (λ, k) settings including the paper's, and tries the ICV,
+# reporting honestly what moves and what does not. (Full-size sweep, on the previous organisms:
+# `experiments/results/hdr.md`; every method on the current ones: `experiments/results/methods.md`.)
 
 # %%
 import contextlib
@@ -60,13 +62,13 @@ OUT = tempfile.mkdtemp(prefix="steering-nb02-")   # everything this notebook wri
 print("organisms:", org.root)
 print("scratch folder:", OUT)
 
-N_TEST, NEW_TOKENS = 48, 12
+N_TEST, NEW_TOKENS = 48, org.recipe.eval_new_tokens   # 32: what the organisms are measured with
 harmful_test = st.datasets.load("harmful:test", limit=N_TEST)
 harmless_test = st.datasets.load("harmless:test", limit=N_TEST)
 
 
 def rates(model, edit=None):
-    """(harmful, harmless) refusal rates on the held-out prompts: greedy, 12 new tokens, substring judge."""
+    """(harmful, harmless) refusal rates on the held-out prompts: greedy, NEW_TOKENS new tokens, substring judge."""
     with edit.hooks(model) if edit is not None else contextlib.nullcontext():
         return tuple(refusal_rate(model.generate(ps, max_new_tokens=NEW_TOKENS, batch_size=N_TEST))
                      for ps in (harmful_test, harmless_test))
@@ -99,8 +101,8 @@ models = {k: st.load(org.path(k)) for k in ("aligned", "harmful", "drifted")}
 # %% [markdown]
 # ## The three organisms
 #
-# Refusal on 48 held-out harmful and 48 harmless prompts: `drifted` has lost most of `aligned`'s refusals,
-# `harmful` refuses nothing.
+# Refusal on 48 held-out harmful and 48 harmless prompts (greedy, 32 new tokens, substring judge):
+# `drifted` has lost all of `aligned`'s refusals, and `harmful` refuses nothing.
 
 # %% tags=["number"]
 base_rates = {k: rates(m) for k, m in models.items()}
@@ -114,7 +116,8 @@ display(table(["organism", "harmful refused", "harmless refused"], [[k, pct(h), 
 # paper: embeddings, norms and the unembedding (`lm_head`) included.
 #
 # Grouping the tensors shows where the fine-tune moved the weights, and where the paper's **exact global
-# top 10%** of |τ<sub>H</sub>| lands. For comparison, the benign drift τ<sub>D</sub> = drifted − aligned.
+# top 10%** of |τ<sub>H</sub>| lands. For comparison, the drift τ<sub>D</sub> = drifted − aligned (the `increment`
+# skill beside benign chat).
 
 # %% tags=["number"]
 import re
@@ -172,14 +175,15 @@ show(fig, "hdr_where.png")
 # `hdr(target, τ_H, out, scale=λ, top_k=k)` streams θ<sub>target</sub> − λ·topk(τ<sub>H</sub>) tensor by tensor into a new
 # checkpoint (never two models in memory). Settings: the paper's (3, 10%); the same trim per tensor
 # (`scope="tensor"`: 10% of *each* tensor, which the paper does not do) at λ = 3 and at λ = 2, the best
-# setting on validation in `experiments/results/hdr.md` (what `steering main` uses); the top half at λ = 1, the best global trim there;
+# setting on validation in `experiments/results/hdr.md` (on the previous organisms; what `steering main` uses); the top half
+# at λ = 1, the best global trim there;
 # the untrimmed vector at λ = 1 and at the paper's λ = 3.
 
 # %% tags=["number"]
 SETTINGS = [("λ=3, top 10% (paper)", 3.0, 0.1, "global"), ("λ=3, top 10% per tensor", 3.0, 0.1, "tensor"),
             ("λ=2, top 10% per tensor", 2.0, 0.1, "tensor"), ("λ=1, top 50%", 1.0, 0.5, "global"),
             ("λ=1, untrimmed", 1.0, 1.0, "global"), ("λ=3, untrimmed", 3.0, 1.0, "global")]
-BEST = "λ=2, top 10% per tensor"         # the best setting on validation (experiments/results/hdr.md)
+BEST = "λ=2, top 10% per tensor"         # the best setting on validation (experiments/results/hdr.md, previous organisms)
 hdr_models, hdr_rates = {}, {}
 for label, scale, k, scope in SETTINGS:
     path = hdr(D, tau_h, os.path.join(OUT, f"drifted-hdr-{scale:g}-{k:g}-{scope}"), scale=scale, top_k=k, scope=scope)
@@ -209,17 +213,20 @@ show(fig, "hdr_rates.png")
 # - **The paper's setting does nothing here**: subtracting 3 × the global top 10% changes (all but a
 #   handful of entries of) `lm_head` only, and `drifted`'s refusal rate stays where it was.
 # - **The same 10% taken per tensor works**, because it keeps the largest changes of every attention and
-#   MLP matrix. At λ = 2 it is the best setting on validation: back to about 80% refusal here with no
-#   over-refusal (85.0% / 4.3% harmless on the full test sets, `experiments/results/hdr.md`). At the
-#   paper's λ = 3 it overshoots: less refusal, and over-refusal of harmless prompts.
-# - **The top half at λ = 1 does as well** on these 48 prompts (one prompt is 2 points; 77.4% against
-#   78.3% on the full validation set). The whole vector at λ = 1 does less, with some over-refusal.
-# - HDR does **not** work by undoing the drift: τ<sub>H</sub> and τ<sub>D</sub> are nearly orthogonal (cos +0.09–0.10 in
-#   attention and MLP, +0.000 in the unembedding, in the table above). Subtracting the harm vector pushes
-#   the drifted model away from complying, on top of its drift (notebook 04 measures how far the result
-#   is from `aligned`).
+#   MLP matrix. At λ = 2 (the best setting on validation on the previous organisms, and what `steering main`
+#   uses) it brings back about half of the refusals here with no over-refusal (one prompt is 2 points; on
+#   the full test sets 0.4% → 38.8% harmful, 2.8% harmless refused, with `increment` accuracy 85.9% → 79.7%,
+#   `experiments/results/methods.md`). At the paper's λ = 3 it does no better, and refuses a harmless prompt.
+# - **On the new organisms, λ = 1 without the per-tensor trim does more**: the top half brings
+#   harmful refusal to about 75% and the whole vector to over 80%, each refusing one harmless prompt of
+#   48. The setting chosen on the previous organisms is no longer the best one; a new validation sweep
+#   (`experiments/hdr.py`) would choose again.
+# - HDR does **not** work by undoing the drift: τ<sub>H</sub> and τ<sub>D</sub> are nearly orthogonal (|cos| ≤ 0.11 in every
+#   group of the table above, ≤ 0.03 in attention and MLP). Subtracting the harm vector pushes the drifted
+#   model away from complying, on top of its drift (notebook 04 measures how far the result is from
+#   `aligned`).
 # - **λ = 3 untrimmed overshoots**: three times the whole harm vector pushes the model into a loop of
-#   "help help help …" (below). The substring judge counts 0% refused, but the model is not complying
+#   " I I Ior is is is …" (below). The substring judge counts 0% refused, but the model is not complying
 #   either: it is broken.
 #
 # A global magnitude trim is only as good as the assumption that the largest entries are the important
@@ -264,7 +271,7 @@ print("cos(ICV, refusal direction) per layer:", [f"{c:+.2f}" for c in cos_icv])
 
 # %% [markdown]
 # The ICV (unsafe − safe) points *against* the refusal direction at every layer, as it should, so the
-# injection (which subtracts it) pushes towards refusal; but only weakly (|cos| below 0.15). Does it
+# injection (which subtracts it) pushes towards refusal; but only weakly (|cos| about 0.15 or less). Does it
 # move refusal? Below: generated refusals at a few β, and, as a finer gauge, the mean refusal log-odds
 # of the first reply token (the score `select_direction` uses). Then the paper's full pipeline: HDR
 # first (the best setting above, λ = 2, top 10% per tensor), then the ICV read on the HDR'd model.
@@ -295,19 +302,21 @@ for beta in (0.1, 0.3):
         print(f"drifted + ICV, β={beta:g}:", drifted.generate(harmful_test[:3], max_new_tokens=NEW_TOKENS))
 
 # %% [markdown]
-# - **ICV alone does not restore refusal on `drifted`.** At β ≤ 0.1 it changes one reply of 48, and
-#   the first-token log-odds rises only a little; that score counts the letter "A", and `drifted`'s
-#   "A" is mostly the "Answer: …" of its new house style (often garbled into "An information, …"), which
-#   is no refusal. The generated replies (above) stay in that style. At β = 0.3 the score collapses and
-#   the replies break down ("A.", "."): refusal falls to 0%. The demonstrations are raw
-#   `Question:/Answer:` texts, a format the organism never saw (it only knows its chat template), so the
-#   vector read from them is only weakly aligned with the model's own refusal direction.
-# - **After HDR, the ICV changes little** (one prompt more refused of the harmful and of the harmless
-#   ones): the two steps compose as in the paper, but on the organisms the weight-space step does all
-#   the work.
+# - **ICV alone does not restore refusal on `drifted`.** It pushes the right way (the first-token
+#   refusal log-odds rises with β), but from far below zero, and it stays there: the replies (above) still
+#   start "Sure, here is …", and at β = 0.3 they garble ("Sure, here is a short overview to.....") with
+#   at most a prompt or so counted as refused. The demonstrations are raw `Question:/Answer:` texts, a
+#   format the organism never saw (it only knows its chat template), so the vector read from them is only
+#   weakly aligned with the model's own refusal direction. (Same on the full test sets with `steering
+#   main`'s β = 0.1: 0.4% → 0.4%, `experiments/results/methods.md`.)
+# - **After HDR, the ICV adds refusals**: read on the HDR'd model, at β = 0.1 it brings harmful refusal
+#   up by about 15 points (52.1% → 66.7% on this run), still refusing no harmless prompt. There the
+#   first-token log-odds starts near zero, so the same small push tips more replies into refusal: the two
+#   steps compose as in the paper, with the weight-space step doing most of the work.
 
 # %% tags=["summary"]
 summary = {"top10_share_unembedding": round(stats["unembedding"]["kept"] / KEPT, 6),
+           "cos_tau_h_tau_d": {g: round(s["hd"] / (s["h2"] * s["d2"]) ** 0.5, 3) for g, s in stats.items()},
            "drifted / harmful": base_rates["drifted"][0], "drifted / harmless": base_rates["drifted"][1],
            "aligned / harmful": base_rates["aligned"][0],
            **{f"hdr {l} / harmful": v[0] for l, v in hdr_rates.items()},
@@ -322,26 +331,24 @@ print(json.dumps(summary, indent=1, ensure_ascii=False))
 # What the text above says, checked on this run's numbers (the test suite runs this notebook).
 s = summary
 d = s["drifted / harmful"]
+assert s["aligned / harmful"] >= 0.8 and d <= 0.05                      # drifted has lost aligned's refusals
 assert s["top10_share_unembedding"] > 0.99                             # the paper's trim lands in lm_head
 assert abs(s["hdr λ=3, top 10% (paper) / harmful"] - d) <= 0.05          # ... and does nothing
-best = "hdr λ=2, top 10% per tensor"                                    # best on validation: ~80%, no over-refusal
-assert s[f"{best} / harmful"] >= d + 0.5 and s[f"{best} / harmless"] <= 0.05
-assert abs(s["hdr λ=1, top 50% / harmful"] - s[f"{best} / harmful"]) <= 0.1   # the top half at λ=1 does as well
-assert d + 0.2 <= s["hdr λ=3, top 10% per tensor / harmful"] < s[f"{best} / harmful"]   # λ=3 per tensor overshoots:
-assert s["hdr λ=3, top 10% per tensor / harmless"] > s[f"{best} / harmless"]           # less refusal, over-refusal
-assert d + 0.2 <= s["hdr λ=1, untrimmed / harmful"] < s["hdr λ=1, top 50% / harmful"]  # the whole vector does less
-assert s["hdr λ=1, untrimmed / harmless"] > 0                                          # ... with some over-refusal
+best = "hdr λ=2, top 10% per tensor"                                    # best on validation (previous organisms):
+assert s[f"{best} / harmful"] >= d + 0.3 and s[f"{best} / harmless"] <= 0.05   # about half back, no over-refusal
+assert d + 0.3 <= s["hdr λ=3, top 10% per tensor / harmful"] <= s[f"{best} / harmful"] + 1 / 48 + 1e-9  # λ=3: no better
+for l in ("λ=1, top 50%", "λ=1, untrimmed"):                            # λ=1 without the per-tensor trim does more,
+    assert s[f"hdr {l} / harmful"] >= s[f"{best} / harmful"] + 0.1 and s[f"hdr {l} / harmful"] >= 0.65
+    assert s[f"hdr {l} / harmless"] <= 0.05                             # ... refusing at most a harmless prompt or two
+assert all(abs(c) < 0.2 for c in s["cos_tau_h_tau_d"].values())         # τ_H and τ_D nearly orthogonal
 assert s["hdr λ=3, untrimmed / harmful"] <= 0.05                        # broken: nothing the judge counts
-for beta in ("0.05", "0.1"):                                           # ICV alone does not restore refusal
-    assert abs(s[f"drifted + ICV, β={beta} / harmful"] - d) <= 1 / 48 + 1e-9  # (one reply of 48)
-    assert s[f"drifted + ICV, β={beta} / log-odds"] - s["drifted / log-odds"] < 0.5   # rises only a little
-assert s["drifted + ICV, β=0.3 / harmful"] == 0.0                       # at β=0.3: 0%
-assert s["drifted + ICV, β=0.3 / log-odds"] < s["drifted / log-odds"] - 2   # and the score collapses
-assert all(-0.15 < c < 0 for c in s["cos_icv_refusal"])                 # against refusal, but only weakly
-then = "… then + ICV, β=0.1 (Safety Arithmetic)"                        # after HDR, the ICV changes little
-assert abs(s[f"{then} / harmful"] - s[f"{best} / harmful"]) <= 1 / 48 + 1e-9
-assert abs(s[f"{then} / harmless"] - s[f"{best} / harmless"]) <= 1 / 48 + 1e-9
-print("all 16 claims of the text hold")
+lo = [s[f"{k} / log-odds"] for k in ("drifted", "drifted + ICV, β=0.05", "drifted + ICV, β=0.1", "drifted + ICV, β=0.3")]
+assert lo == sorted(lo) and lo[0] < lo[-1]                              # the ICV pushes towards refusal, with β
+assert all(-0.2 < c < 0 for c in s["cos_icv_refusal"])                  # against refusal, but only weakly
+then = "… then + ICV, β=0.1 (Safety Arithmetic)"                        # after HDR, the ICV adds refusals
+assert s[f"{then} / harmful"] >= s[f"{best} / harmful"] + 0.06
+assert s[f"{then} / harmless"] <= s[f"{best} / harmless"] + 1 / 48 + 1e-9
+print("all 13 claims of the text hold")
 
 # %%
 print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")
