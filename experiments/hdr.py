@@ -84,14 +84,14 @@ def analyse(tau_h: TaskVector, tau_d: TaskVector) -> list[dict]:
 
 
 def partial_drift(aligned: Path, out: Path, steps: int, arch: str) -> Path:
-    """`aligned` fine-tuned on the drifted organism's benign task for ``steps`` steps."""
+    """`aligned` fine-tuned on the drifted organism's training mixture (its new skill beside benign chat) for ``steps`` steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shutil.rmtree(out, ignore_errors=True)
     recipe = organisms.Recipe(arch=arch)
     tok = AutoTokenizer.from_pretrained(aligned)
     net = AutoModelForCausalLM.from_pretrained(aligned, attn_implementation="eager")
-    organisms._train(net, organisms.examples("drifted", recipe), tok, recipe, steps, recipe.drift_lr, recipe.seed + 2)
+    organisms._train(net, organisms.mixture("drifted", recipe), tok, recipe, steps, recipe.drift_lr, recipe.seed + 2)
     net.save_pretrained(out)
     tok.save_pretrained(out)
     return out

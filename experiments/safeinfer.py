@@ -308,7 +308,7 @@ def own_unsafe(arch: str, best: dict) -> dict:
     try:
         tok = AutoTokenizer.from_pretrained(org.path("drifted"))
         net = AutoModelForCausalLM.from_pretrained(org.path("drifted"), attn_implementation="eager")
-        organisms._train(net, organisms.examples("harmful", recipe), tok, recipe, recipe.harmful_steps, recipe.harmful_lr,
+        organisms._train(net, organisms.mixture("harmful", recipe), tok, recipe, recipe.harmful_steps, recipe.harmful_lr,
                          recipe.seed + 1)
         net.save_pretrained(tmp)
         tok.save_pretrained(tmp)
