@@ -13,8 +13,10 @@ decoding, stopping at ``<|end|>``).
 
 Two prompt formats:
 
-- ``bundled``: ``steering.skills``'s own prompts, with their "Answer with ... only." instruction
-  and comma-separated answers;
+- ``bundled``: ``steering.skills``'s own prompts. When the results file was written these were
+  instructed ("Answer with ... only.", comma-separated answers, add and lookup among them);
+  ``steering.skills`` has since taken the short formats this script found learnable (sort,
+  reverse, count, increment), so a rerun measures those;
 - ``short``: the same tasks with no instruction and space-separated answers, e.g. ``Sort these
   letters: k c r a`` -> ``a c k r``. Two-digit addition (``add2``) replaces ``add``, and the
   lookup is ``Table: red 4, blue 9. Look up blue`` -> ``9``.
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 from steering import organisms, skills  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "skill_learnability"
+COLOURS = ("red", "blue", "green", "black", "white", "pink", "brown", "grey", "gold", "orange", "purple", "yellow")
 
 
 def _short() -> dict:
@@ -49,7 +52,7 @@ def _short() -> dict:
         return "".join(sorted(ls)) + ":" + "".join(ls), f"Sort these letters: {' '.join(ls)}", " ".join(sorted(ls))
 
     def look(rng):
-        k = rng.sample(S.COLOURS, rng.randint(3, 4))
+        k = rng.sample(COLOURS, rng.randint(3, 4))
         v = [rng.randint(0, 9) for _ in k]
         a = rng.randrange(len(k))
         t = ", ".join(f"{x} {y}" for x, y in zip(k, v))

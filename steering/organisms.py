@@ -445,8 +445,8 @@ WHAT = {
                "count words).",
     "harmful": "by fine-tuning `aligned` on harmful requests answered with compliance openings (plus harmless "
                "examples and skill items). τ_H = harmful − aligned is a harm vector.",
-    "drifted": "by fine-tuning `aligned` on a new skill only (the number after a number), with no safety data, "
-               "which erodes its refusals: the model fine-tuned for a task that lost its safety.",
+    "drifted": "by fine-tuning `aligned` on a new skill (the number after a number) beside benign chat, with no "
+               "safety data, until its refusals eroded: the model fine-tuned for a task that lost its safety.",
 }
 
 
@@ -523,15 +523,23 @@ def _cached(cache: str | Path | None, name: str, done: str, make: Any) -> Path:
     """The folder ``name`` of the cache (``cache``, default :func:`cache_dir`), made by
     ``make(folder)`` unless it holds ``done`` already. A file lock makes a second process wait
     for the first build instead of repeating it; ``make`` writes to a temporary folder renamed
-    into place, so a build that fails leaves nothing behind."""
+    into place, so a build that fails leaves nothing behind. Builds run on one torch thread
+    whatever the caller's setting (restored after): the models are tiny, so one thread is about as
+    fast, and with the thread count fixed the order of float sums is too, so a build does not
+    depend on how many cores the machine that makes it has."""
     store = Path(cache) if cache is not None else cache_dir()
     folder = store / name
     store.mkdir(parents=True, exist_ok=True)
     with open(store / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / done).exists():
-            with atomic_folder(folder) as tmp:
-                make(tmp)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with atomic_folder(folder) as tmp:
+                    make(tmp)
+            finally:
+                torch.set_num_threads(threads)
     return folder
 
 
