@@ -96,3 +96,11 @@ def interleaved(jobs: dict, repeats: int, verbose: bool = False) -> dict:
 def pct(x: float) -> str:
     """A rate as a percentage with one decimal, as every results table prints it."""
     return f"{100 * x:.1f}%"
+
+
+def write_results(out: Path, data: object, lines: list[str]) -> None:
+    """``out``.json (the data) and ``out``.md (the lines), and the lines printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))

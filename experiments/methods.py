@@ -11,12 +11,12 @@ chosen on the llama organisms' validation prompts), so the gpt2 rows show how fa
 another family.
 """
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _util import write_results  # noqa: E402
 from steering import skills  # noqa: E402
 from steering.main import run  # noqa: E402
 
@@ -61,10 +61,7 @@ def main() -> None:
         lines += [f"## {method}", "", f"What it should do: {goal}.", ""]
         for arch in res:
             lines += [f"{arch}:", "", *table(res[arch]["rows"], base, edited), ""]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    OUT.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(OUT, res, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ match on their held-out test items (``steering.skills``). Three tables:
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from _util import write_results  # noqa: E402
 from steering import datasets, organisms  # noqa: E402
 from steering.datasets import _sources  # noqa: E402
 from steering.model import load  # noqa: E402
@@ -82,10 +82,7 @@ def main() -> None:
         lines += [f"| {s} ({r['n']} prompts) | {100 * r['held_out']:.1f}% | {100 * r['harmful']:.1f}% | "
                   f"{100 * r['harmless']:.1f}% |" for s, r in loo.items()]
         lines.append("")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    OUT.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(OUT, res, lines)
 
 
 if __name__ == "__main__":

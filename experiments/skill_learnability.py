@@ -25,7 +25,6 @@ Two prompt formats:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from _util import write_results  # noqa: E402
 from steering import organisms, skills  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "skill_learnability"
@@ -153,10 +153,7 @@ def main() -> None:
         lines += [f"| {r['step']} | {r['seconds']} | {r['loss']:.3f} | " + " | ".join(f"{100 * r[n]:.0f}%" for n in names)
                   + " |" for r in rows]
         lines.append("")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    OUT.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(OUT, results, lines)
 
 
 if __name__ == "__main__":
