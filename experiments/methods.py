@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _util import write_results  # noqa: E402
 from steering import skills  # noqa: E402
+from steering.evaluate import Report  # noqa: E402
 from steering.main import run  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "methods"
@@ -35,22 +36,19 @@ BY_METHOD = {  # method: (baseline row, edited rows, what the method should do)
     "SafeInfer": ("drifted", ["drifted + SafeInfer amplification", "drifted + SafeInfer (amplification + guided)"],
                   "refusal restored on drifted; harmless and skills kept"),
 }
-COLUMNS = [("harmful_refusal", "harmful refused"), ("harmful_refusal_guard", "harmful refused (guard)"),
-           ("harmless_refusal", "harmless refused"), ("xstest_over_refusal", "XSTest safe refused"),
-           *[(f"skill_{k}", k) for k in skills.SKILLS], ("utility", "utility"), ("kl", "KL")]
 
 
 def table(rows: dict, base: str, edited: list[str]) -> list[str]:
-    lines = ["| setting | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name in [base, *edited]:
-        r = rows[name]
-        cells = [f"{r[k]:.3f}" if k == "kl" else f"{100 * r[k]:.1f}%" for k, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    """The evaluation report's own table (steering.evaluate.Report), restricted to these rows."""
+    return Report({name: rows[name] for name in [base, *edited]}).table().splitlines()
 
 
 def main() -> None:
     res = {arch: run(out=f"runs/methods-{arch}", arch=arch) for arch in ("llama", "gpt2")}
+    write_results(OUT, res, render(res))
+
+
+def render(res: dict) -> list[str]:
     lines = ["# Every method on the organisms, with utility", "",
              "Command: `python experiments/methods.py` (the main job, `steering main --arch ARCH`, on both families). "
              "Held-out prompts; greedy, 32 new tokens; refusal by the substring judge and (guard) by the judge organism; "
@@ -61,7 +59,7 @@ def main() -> None:
         lines += [f"## {method}", "", f"What it should do: {goal}.", ""]
         for arch in res:
             lines += [f"{arch}:", "", *table(res[arch]["rows"], base, edited), ""]
-    write_results(OUT, res, lines)
+    return lines
 
 
 if __name__ == "__main__":
