@@ -35,6 +35,7 @@ COND_LAYER, COND_SCALE, COND_POSITIONS = 2, 0.5, "all"  # ... and under conditio
 GATE_LAYER = 1  # gated by drifted's own harmful-vs-harmless direction read at this layer
 HDR_SCALE, HDR_TOP_K, HDR_SCOPE = 2.0, 0.1, "tensor"  # λ, and the top 10% of each tensor of τ_H
 AMPLIFY_SITE, AMPLIFY_LAYER, AMPLIFY_SCALE = "resid_post", 1, 2.0
+N_SKILL = 64  # held-out items per skill
 NEW_TOKENS = 32  # generated per reply to judge, as the organisms are measured (organisms.Recipe.eval_new_tokens)
 
 
@@ -116,7 +117,7 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
     # organism, read as Llama Guard would be (not in quick runs); every skill, the utility axis
     guard = None if quick else GuardJudge(st.load(organisms.build_judge(progress=False)))
     kw = dict(limit=limit, n_utility=n_util, max_new_tokens=4 if quick else NEW_TOKENS, batch_size=64, progress=True,
-              guard=guard, skills=st.skills.SKILLS, n_skill=4 if quick else 64)
+              guard=guard, skills=st.skills.SKILLS, n_skill=4 if quick else N_SKILL)
     rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, refusal direction ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
     rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
@@ -134,8 +135,9 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
     lines = ["# steering main job", "",
              f"## Model organisms ({recipe.arch}, seed {recipe.seed}); refusal on held-out prompts", "",
              org.table(), "",
-             f"## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, {NEW_TOKENS} new tokens; "
-             "substring judge, and the judge organism in the (guard) columns; skills: exact match on 64 held-out items each, "
+             f"## Every edit, side by side (held-out prompts: harmful:test, harmless:test, XSTest; greedy, {kw['max_new_tokens']} new tokens; "
+             f"substring judge, and the judge organism in the (guard) columns; skills: exact match on {kw['n_skill']} held-out "
+             "items each, "
              "utility their mean)",
              "", report.table(), "", "![report](report.png)", "",
              f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
