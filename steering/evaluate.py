@@ -220,12 +220,12 @@ def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str],
 def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dict[str, str] | None = None,
              judge: Judge = substring_judge, limit: int | None = None, utility_prompts: str | Sequence[str] = "harmless:test",
              n_utility: int = 128, references: Sequence[str] | None = None, max_new_tokens: int = 32,
-             skills: Sequence[str] = (), n_skill: int = 64, guard: Judge | None = None, batch_size: int = 32,
+             skills: Sequence[str] = (), n_skill: int = 64, skill_split: str = "test", guard: Judge | None = None, batch_size: int = 32,
              progress: bool = True) -> Report:
     """Evaluate ``model`` under each setting (default: only ``Setting("plain")``); see the module docstring.
     ``skills`` (names from :mod:`steering.skills`) adds each one's exact-match accuracy on ``n_skill``
-    held-out items (``skill_<name>``, 16 new tokens, decoded as the setting decodes) and ``utility``,
-    their mean. ``guard`` (a second judge, e.g. :class:`steering.judge.GuardJudge`, True = the reply
+    held-out items (``skill_<name>``, 16 new tokens, decoded as the setting decodes; from the
+    ``skill_split`` split, ``"val"`` when choosing settings) and ``utility``, their mean. ``guard`` (a second judge, e.g. :class:`steering.judge.GuardJudge`, True = the reply
     is safe) rates the replies to harmful requests too: ``harmful_refusal_guard`` and
     ``xstest_compliance_guard``, beside the first judge's."""
     from tqdm.auto import tqdm
@@ -254,7 +254,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
 
     tasks = list(skills)
     for k in tasks:  # an unknown name fails here, before any generation
-        skill_tasks.items(k, "test", 1)
+        skill_tasks.items(k, skill_split, 1)
     bar = tqdm(total=len(settings) * (len(prompts) + 1 + len(tasks)), desc="evaluate", disable=not progress)
     for s in settings:
         m = _resolve(s, base, loaded)
@@ -281,7 +281,7 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
             bar.update()
         for key in tasks:  # decoded as the setting decodes
             row[f"skill_{key}"] = skill_tasks.accuracy(
-                m, key, n=n_skill, generate=lambda ps: si_generate(m, ps, unsafe=unsafe, amplify=s.amplify, edits=list(s.edits),
+                m, key, split=skill_split, n=n_skill, generate=lambda ps: si_generate(m, ps, unsafe=unsafe, amplify=s.amplify, edits=list(s.edits),
                                                                    gamma=gamma, max_new_tokens=16, batch_size=batch_size))
             bar.update()
         if tasks:
@@ -297,6 +297,6 @@ def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dic
     bar.close()
     meta = {"model": base.name, "sets": sets, "max_new_tokens": max_new_tokens, "n_utility": len(u_prompts),
             "judge": getattr(judge, "__name__", type(judge).__name__), "limit": limit,
-            **({"skills": tasks, "n_skill": n_skill} if tasks else {}),
+            **({"skills": tasks, "n_skill": n_skill, "skill_split": skill_split} if tasks else {}),
             **({"guard": getattr(guard, "__name__", type(guard).__name__)} if guard is not None else {})}
     return Report(rows, meta)
