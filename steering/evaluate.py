@@ -220,14 +220,15 @@ def _cross_entropy(m: Model, prompts: Sequence[str], completions: Sequence[str],
 def evaluate(model: Any, settings: Sequence[Setting] | None = None, *, sets: dict[str, str] | None = None,
              judge: Judge = substring_judge, limit: int | None = None, utility_prompts: str | Sequence[str] = "harmless:test",
              n_utility: int = 128, references: Sequence[str] | None = None, max_new_tokens: int = 32,
-             skills: Sequence[str] = (), n_skill: int = 64, skill_split: str = "test", guard: Judge | None = None, batch_size: int = 32,
-             progress: bool = True) -> Report:
+             skills: Sequence[str] = (), n_skill: int = 64, skill_split: str = "test", guard: Judge | None = None,
+             batch_size: int = 32, progress: bool = True) -> Report:
     """Evaluate ``model`` under each setting (default: only ``Setting("plain")``); see the module docstring.
     ``skills`` (names from :mod:`steering.skills`) adds each one's exact-match accuracy on ``n_skill``
     held-out items (``skill_<name>``, 16 new tokens, decoded as the setting decodes; from the
-    ``skill_split`` split, ``"val"`` when choosing settings) and ``utility``, their mean. ``guard`` (a second judge, e.g. :class:`steering.judge.GuardJudge`, True = the reply
-    is safe) rates the replies to harmful requests too: ``harmful_refusal_guard`` and
-    ``xstest_compliance_guard``, beside the first judge's."""
+    ``skill_split`` split, ``"val"`` when choosing settings) and ``utility``, their mean. ``guard``
+    (a second judge, e.g. :class:`steering.judge.GuardJudge`, True = the reply is safe) rates the
+    replies to harmful requests too: ``harmful_refusal_guard`` and ``xstest_compliance_guard``,
+    beside the first judge's."""
     from tqdm.auto import tqdm
 
     from . import datasets
