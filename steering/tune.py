@@ -168,6 +168,12 @@ class _Method:
         if edit is not None:
             edit.save(out / "pick.safetensors")
             files["edit"] = str(out / "pick.safetensors")
+            if self.t.checkpoint:
+                from .weights.bake import write_hf
+
+                files["checkpoint"] = str(write_hf(edit.bake(self.t.model), out / "checkpoint",
+                                                   {"method": f"tuned {self.name}", **{k: str(v) for k, v in p.items()}},
+                                                   overwrite=True))
         return files
 
 
@@ -616,6 +622,9 @@ class Tuner:
         self.harm = _harm_vector(harm)
         self.harm_spec = harm
         self.on, self.inner = list(on), inner
+        if checkpoint and method in ("conditional", "icv", "safeinfer"):
+            raise ValueError(f"checkpoint: {method} has no weight form (it acts per prompt or per token); "
+                             "tune ablation, affine, addition or hdr for a checkpoint")
         if inner is not None and method != "conditional":
             raise ValueError(f"inner= is the edit a conditional gates; method {method!r} takes on= edits instead")
         self.data = data or Data.default()
@@ -703,7 +712,7 @@ class Tuner:
             setting["safeinfer"] = spec
             if self.on:
                 return None  # the edits under it are not files of their own
-        elif "edit" in files:
+        elif "edit" in files and "checkpoint" not in files:  # (a baked checkpoint already holds the edit)
             setting["edits"] = [{"file": str(Path(files["edit"]).resolve())}]
         return {"model": src, "out": str((out / "pick-eval").resolve()), "skills": list(self.data.skills),
                 "settings": [{"name": "unedited"}, setting]}

@@ -228,3 +228,37 @@ def test_tamper_check_reports_what_the_ablation_leaves(model):
     assert 0 <= out["attacked"] <= 1 and (math.isnan(out["survives"]) or out["edited"] != out["unedited"])
     with pytest.raises(ValueError, match="removes refusal"):
         tune.tamper_check(tune.tune(model, "ablation", trials=1, data=data(), **KW))
+
+
+def test_checkpoint_bakes_the_pick_and_refuses_methods_with_no_weight_form(tmp_path):
+    m = st.testing.tiny_model("llama")
+    with pytest.raises(ValueError, match="checkpoint: conditional has no weight form"):
+        tune.tune(m, "conditional", checkpoint=True, data=data(), **KW)
+    r = tune.tune(m, "addition", trials=2, checkpoint=True, data=data(), **KW)
+    p = r.trials[0]
+    files = r.tuner.method.export(p.params, tmp_path)
+    baked = st.load(files["checkpoint"])
+    prompts = st.datasets.load(HARMLESS)
+    with r.tuner.method.edit(p.params).hooks(m):
+        want = m.generate(prompts, max_new_tokens=4)
+    assert baked.generate(prompts, max_new_tokens=4) == want
+
+
+def test_cli_tune_writes_the_search_and_resumes_it(tmp_path, capsys):
+    from steering.cli import main
+
+    m = st.testing.tiny_model("llama")
+    m.hf.save_pretrained(tmp_path / "m")
+    m.tokenizer.save_pretrained(tmp_path / "m")
+    argv = ["tune", str(tmp_path / "m"), "--method", "addition", "--out", str(tmp_path / "t"), "--trials", "2",
+            "--n-val", "4", "--skills", "count", "--n-skill", "2", "--max-new-tokens", "3"]
+    code = main(argv)
+    assert code in (0, 1)  # 1: no pick within the budgets (a random model)
+    out = capsys.readouterr().out
+    assert "2 trials (2 evaluated" in out and (tmp_path / "t" / "tune.json").exists()
+    main(argv)
+    assert "2 trials (0 evaluated" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    assert main([*argv[:5], str(tmp_path / "other"), *argv[6:]]) == 2
+    assert "holds no earlier search" in capsys.readouterr().err

@@ -206,6 +206,56 @@ def cmd_hdr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import steering as st
+    from steering import tune
+    from steering.edits import load_edit
+    from steering.io import atomic_write
+    from steering.recipe import resolve
+
+    out = Path(args.out)
+    if out.is_file():
+        raise FileExistsError(f"{args.out}: is a file; --out takes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "trials.jsonl").exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out}: exists, is not empty and holds no earlier search (trials.jsonl); "
+                              "pass --overwrite to write into it")
+    if args.harm and args.harm_vector:
+        raise ValueError("--harm and --harm-vector: give one harm vector")
+    guard([args.out], args.model, args.reference, args.unsafe, args.harm or [], args.harm_vector, args.on or [], args.inner)
+    on = [load_edit(p) for p in args.on or []]  # fail fast, before a model loads
+    inner = load_edit(args.inner) if args.inner else None
+    data = tune.Data.default(n_val=args.n_val, skills=args.skills, n_skill=args.n_skill)
+    m = st.load(resolve(args.model), trust_remote_code=args.trust_remote_code)
+    load = lambda p: st.load(resolve(p), trust_remote_code=args.trust_remote_code) if p else None
+    r = tune.tune(m, args.method, reference=load(args.reference), unsafe=load(args.unsafe),
+                  harm=tuple(args.harm) if args.harm else args.harm_vector, on=on, inner=inner, trials=args.trials,
+                  minutes=args.minutes, seed=args.seed, data=data, checkpoint=args.checkpoint,
+                  budgets=tune.Budgets(args.max_over_refusal, args.max_utility_loss, args.max_kl),
+                  cache=out / "trials.jsonl", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    r.save(out)
+    print(r.table())
+    done = len([t for t in r.trials if not t.skipped])
+    print(f"{done} trials ({r.meta['evaluated']} evaluated, the rest from {out / 'trials.jsonl'}) in {r.meta['seconds']:.0f} s; "
+          f"{r.meta['sampler']} over {r.meta['grid_size']} points")
+    p = r.pick
+    if p is None:
+        print(f"no pick: {r.why}")
+    else:
+        print(f"pick: trial {p.number} ({', '.join(f'{k}={v}' for k, v in p.params.items())}); files: "
+              + ", ".join(f"{k} {v}" for k, v in r.meta.get("files", {}).items())
+              + (f"; evaluate it on test prompts: steering run {out / 'pick.yaml'}" if (out / "pick.yaml").exists() else ""))
+        if args.tamper:
+            t = tune.tamper_check(r)
+            atomic_write(out / "tamper.json", lambda f: Path(f).write_text(json.dumps(t, indent=2)))
+            print(f"tamper check: refusal {100 * t['unedited']:.0f}% unedited, {100 * t['edited']:.0f}% edited, "
+                  f"{100 * t['attacked']:.0f}% after ablating the edited model's refusal direction "
+                  f"(layer {t['direction_layer']}): {100 * t['survives']:.0f}% of the gain survives")
+    return 0 if p is not None else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from steering.recipe import run
 

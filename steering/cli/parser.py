@@ -133,6 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd.cmd_hdr)
 
+    c = model_cmd("tune", "Search an edit's settings on MODEL's validation prompts: every trial, the Pareto front, a pick within "
+                          "budgets, and the pick's files (see steering.tune).")
+    c.add_argument("--method", required=True, choices=("ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer"))
+    c.add_argument("--out", required=True, help="folder for tune.json, front.md, front.png, trials.jsonl (the trial cache: "
+                                                "run again with the same --out to resume) and the pick's files")
+    c.add_argument("--reference", help="the model whose refusal direction addition / conditional add (default: MODEL)")
+    c.add_argument("--unsafe", help="SafeInfer: the unsafe model for guided decoding (without it: amplification only)")
+    c.add_argument("--harm", nargs=2, metavar=("BASE", "FINETUNED"), help="HDR: the harm vector as FINETUNED - BASE")
+    c.add_argument("--harm-vector", help="HDR: the harm vector as a file (steering task-vector)")
+    c.add_argument("--on", action="append", help="an edit file applied under every trial (repeatable): tune on top of it")
+    c.add_argument("--inner", help="conditional: the edit file to gate (only the gate is tuned)")
+    c.add_argument("--trials", type=positive_int, default=24, help="trial budget (default 24)")
+    c.add_argument("--minutes", type=nonneg_float, help="time budget; the first budget to run out ends the search")
+    c.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0): the same seed repeats the search")
+    c.add_argument("--n-val", type=positive_int, default=32, help="validation prompts of each set per trial (default 32)")
+    c.add_argument("--skills", type=skill_list, help="skills for the utility objective (default: all of steering.skills)")
+    c.add_argument("--n-skill", type=positive_int, default=16, help="validation items per skill (default 16)")
+    c.add_argument("--max-over-refusal", type=fraction, default=0.05,
+                   help="budget: largest rise of harmless and of XSTest-safe refusal (default 0.05 = 5 points)")
+    c.add_argument("--max-utility-loss", type=fraction, default=0.02, help="budget: largest utility loss (default 0.02)")
+    c.add_argument("--max-kl", type=nonneg_float, help="budget: largest KL on harmless prompts (default: none)")
+    c.add_argument("--checkpoint", action="store_true",
+                   help="the pick is written as a checkpoint: only forms that bake on MODEL's family are searched")
+    c.add_argument("--tamper", action="store_true", help="after the search, ablate the edited model's own refusal direction "
+                                                         "and report how much of the restored refusal survives")
+    c.add_argument("--max-new-tokens", type=positive_int, default=32)
+    c.add_argument("--batch-size", type=positive_int, default=64)
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a tune folder")
+    c.set_defaults(func=cmd.cmd_tune)
+
     c = sub.add_parser("run", help="Carry out a YAML recipe: weight edits into one checkpoint (steps:), or an evaluation (settings:).")
     c.add_argument("recipe", help="a YAML recipe (see steering.recipe)")
     c.add_argument("--out", help="output folder (default: the recipe's out)")
