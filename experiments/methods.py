@@ -6,9 +6,8 @@ Runs the main job (``steering.main.run``: extraction, every edit, side-by-side e
 llama and the gpt2 organisms, then writes one table per method: the unedited model beside the
 edited one, on held-out prompts (harmful:test, harmless:test, XSTest; greedy, 32 new tokens; the
 substring judge and the judge organism), with exact match on each skill's held-out items, their
-mean (``utility``) and KL on harmless prompts. The settings are the main job's (``steering/main.py``:
-chosen on the llama organisms' validation prompts), so the gpt2 rows show how far they carry to
-another family.
+mean (``utility``) and KL on harmless prompts. The settings are the main job's: each chosen by the
+search (``steering.tune``) on the validation prompts of the family at hand.
 """
 
 import sys
@@ -33,7 +32,7 @@ BY_METHOD = {  # method: (baseline row, edited rows, what the method should do)
     "In-context vectors (ICV)": ("drifted", ["drifted + ICV"], "refusal restored on drifted"),
     "Harm Direction Removal (Safety Arithmetic)": ("drifted", ["drifted-hdr checkpoint"],
                                                    "refusal restored on drifted; the new skill within 5 points"),
-    "SafeInfer": ("drifted", ["drifted + SafeInfer amplification", "drifted + SafeInfer (amplification + guided)"],
+    "SafeInfer": ("drifted", ["drifted + SafeInfer"],
                   "refusal restored on drifted; harmless and skills kept"),
 }
 
@@ -54,7 +53,8 @@ def render(res: dict) -> list[str]:
              "Held-out prompts; greedy, 32 new tokens; refusal by the substring judge and (guard) by the judge organism; "
              f"skills: exact match on 64 held-out items each ({', '.join(skills.ALIGNED)}: `aligned`'s; "
              f"{skills.NEW_SKILL}: `drifted`'s new skill); utility: their mean; KL on harmless prompts against the "
-             "unedited model of the block. Settings: steering/main.py's constants (chosen on llama).", ""]
+             "unedited model of the block. Settings: chosen by `steering.tune` on each family's validation prompts "
+             "(steering/main.py's trial budgets; the picks are in the main job's report).", ""]
     for method, (base, edited, goal) in BY_METHOD.items():
         lines += [f"## {method}", "", f"What it should do: {goal}.", ""]
         for arch in res:

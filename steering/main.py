@@ -5,19 +5,21 @@
    (bypass / induce / KL, the paper's filters, each candidate ablated in affine form: its
    coordinate kept at the harmless prompts' mean), the pick's ablation hooked and baked into a
    checkpoint (``aligned-ablated/``).
-3. On ``drifted`` (refusal eroded by a benign fine-tune), every safety edit of the toolkit:
-   the aligned model's refusal direction added (ActAdd at every position), the same under
-   conditional steering (gated by drifted's own harmful-vs-harmless direction, threshold fitted
-   on validation prompts), Safety Arithmetic's
-   ICV injection, Harm Direction Removal with τ_H = harmful − aligned streamed into a checkpoint
-   (``drifted-hdr/``), and SafeInfer (amplification + guided decoding against ``harmful``).
+3. On ``drifted`` (refusal eroded by a benign fine-tune), every safety edit of the toolkit, each
+   with its knobs chosen by the search (:func:`steering.tune.tune`, a small trial budget,
+   :data:`TRIALS`) on drifted's validation prompts: the aligned model's refusal direction added
+   (ActAdd), the same under conditional steering (gated by drifted's own harmful-vs-harmless
+   direction, threshold fitted on validation prompts), Safety Arithmetic's ICV injection, Harm
+   Direction Removal with τ_H = harmful − aligned streamed into a checkpoint (``drifted-hdr/``),
+   and SafeInfer (amplification, and guided decoding against ``harmful`` where the search takes
+   it). Each search's front and trials are in ``tune-METHOD/``; then the tamper check of each pick
+   (:func:`steering.tune.tamper_check`).
 4. :func:`steering.evaluate.evaluate` of all of them side by side on held-out prompts, judged by
    the substring judge and, beside it, by the judge organism in the Llama Guard format
    (:func:`steering.organisms.build_judge`, :class:`steering.judge.GuardJudge`), written as
    ``report.md``, ``report.json`` and plots, and printed.
 
-Settings that experiments chose on validation prompts (experiments/results/*.md) are fixed here so
-the job stays within its time budget.
+Where no trial is within the budgets the closest trial is evaluated, and the report says so.
 """
 
 from __future__ import annotations
@@ -26,30 +28,21 @@ import json
 import time
 from pathlib import Path
 
-# chosen on validation prompts by experiments/directions.py, hdr.py and safeinfer.py on the llama organisms
-# before they had skills (issue 21: a search on the model at hand replaces them); re-measured on
-# today's organisms of both families by experiments/methods.py
-# aligned's refusal direction (unit, read at the pick's position) added to drifted at LAYER × SCALE
-ADD_LAYER, ADD_SCALE, ADD_POSITIONS = 2, 0.7, "all"  # plainly
-COND_LAYER, COND_SCALE, COND_POSITIONS = 2, 0.5, "all"  # ... and under conditional steering,
-GATE_LAYER = 1  # gated by drifted's own harmful-vs-harmless direction read at this layer
-HDR_SCALE, HDR_TOP_K, HDR_SCOPE = 2.0, 0.1, "tensor"  # λ, and the top 10% of each tensor of τ_H
-AMPLIFY_SITE, AMPLIFY_LAYER, AMPLIFY_SCALE = "resid_post", 1, 2.0
+# the search's trial budget per method (steering.tune: grid or Optuna TPE on validation prompts, the default budgets:
+# over-refusal rise <= 5 points, utility loss <= 2 points); quick runs take 2
+TRIALS = {"addition": 12, "conditional": 12, "icv": 8, "hdr": 12, "safeinfer": 12}
 N_SKILL = 64  # held-out items per skill
 NEW_TOKENS = 32  # generated per reply to judge, as the organisms are measured (organisms.Recipe.eval_new_tokens)
 
 
 def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama") -> dict:
     import steering as st
-    from steering import organisms, safeinfer
+    from steering import organisms
     from steering.weights.bake import write_hf
-    from steering.edits import Addition, Conditional, ICVInjection
     from steering.evaluate import Setting, evaluate
-    from steering.extract import diff_in_means, icv, icv_pairs
     from steering.io import atomic_write
     from steering.judge import GuardJudge
     from steering.select import refusal_ablation
-    from steering.vectors import SteeringVector
     from steering.weights.taskvec import TaskVector, hdr
 
     t0 = time.time()
@@ -89,28 +82,26 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
              {"method": "affine ablation", "rank": ablation.rank, "edit": str(out / "ablation.safetensors")}, overwrite=True)
     lap("refusal direction: extract, select, bake")
 
-    # --- safety edits on drifted -------------------------------------------------------------------
-    def safety_vector(at: int) -> SteeringVector:
-        at = min(at, drifted.n_layers - 1)
-        return SteeringVector({at: cands.direction(at, pos)}, cands.site, {"method": "aligned refusal direction"})
+    # --- safety edits on drifted, each chosen by the search on drifted's validation prompts ----------------
+    from steering import tune
 
-    addition = Addition(safety_vector(ADD_LAYER), ADD_SCALE, positions=ADD_POSITIONS)
-    own = diff_in_means(drifted, harmful_tr, harmless_tr, progress=False)
-    gate = min(GATE_LAYER, drifted.n_layers - 1)
-    cond_val = [st.datasets.load("harmful:val", limit=None if limit is None else 2 * n_val),
-                st.datasets.load("harmless:val", limit=400 if limit is None else 2 * n_val)]
-    conditional = Conditional.fit(drifted, Addition(safety_vector(max(COND_LAYER, gate)), COND_SCALE, positions=COND_POSITIONS),
-                                  own.direction(gate, pos), gate, *cond_val)
-    conditional.save(out / "conditional.safetensors")
-    icv_vec = icv(drifted, icv_pairs(harmful_tr[:32]))
-    icv_edit = ICVInjection(icv_vec, 0.1)
     tau_h = TaskVector.between(A, H)
     tau_h.save(out / "tau_h.safetensors", overwrite=True)
-    hdr(D, tau_h, out / "drifted-hdr", scale=HDR_SCALE, top_k=HDR_TOP_K, scope=HDR_SCOPE, overwrite=True)
-    amp_layer = min(AMPLIFY_LAYER, drifted.n_layers - 1)
-    amp = safeinfer.amplifier(drifted, layer=amp_layer, scale=AMPLIFY_SCALE, site=AMPLIFY_SITE, n_demos=n_train // 2,
-                              n_queries=n_train // 2)
-    lap("safety edits: addition, conditional, ICV, HDR, SafeInfer")
+    data = tune.Data.default(n_val=4 if quick else 32, skills=st.skills.SKILLS, n_skill=2 if quick else 16)
+    args = {"addition": {"reference": aligned}, "conditional": {"reference": aligned}, "icv": {},
+            "hdr": {"harm": tau_h}, "safeinfer": {"unsafe": st.load(H)}}
+    tuned, picked = {}, {}
+    for method, kw in args.items():
+        where = out / f"tune-{method}"
+        r = tune.tune(drifted, method, trials=2 if quick else TRIALS[method], seed=0, data=data, cache=where / "trials.jsonl",
+                      max_new_tokens=4 if quick else NEW_TOKENS, progress=False, **kw)
+        r.save(where, files=method != "hdr")  # (HDR's checkpoint is written below, under its own name)
+        tuned[method], picked[method] = r, r.pick_or_closest()
+        print(f"  tune {method}: " + (f"pick {picked[method].params}" if r.pick is not None else f"no pick ({r.why})"), flush=True)
+    hdr_p = picked["hdr"].params
+    hdr(D, tau_h, out / "drifted-hdr", scale=hdr_p["scale"], top_k=None if hdr_p["top_k"] >= 1 else hdr_p["top_k"],
+        scope=hdr_p["scope"], overwrite=True)
+    lap("safety edits on drifted: the search for addition, conditional, ICV, HDR, SafeInfer")
 
     # --- evaluation side by side -----------------------------------------------------------------------
     # 32 new tokens, as the organisms are measured; a second judge beside the substring one: the judge
@@ -120,12 +111,14 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
               guard=guard, skills=st.skills.SKILLS, n_skill=4 if quick else N_SKILL)
     rep_a = evaluate(aligned, [Setting("aligned"), Setting("aligned, refusal direction ablated (hooks)", edits=[ablation]),
                                Setting("aligned-ablated checkpoint", model=out / "aligned-ablated")], **kw)
-    rep_d = evaluate(drifted, [Setting("drifted"), Setting("drifted + refusal direction", edits=[addition]),
-                               Setting("drifted + conditional steering", edits=[conditional]),
-                               Setting("drifted + ICV", edits=[icv_edit]),
+    names = {"addition": "drifted + refusal direction", "conditional": "drifted + conditional steering", "icv": "drifted + ICV",
+             "safeinfer": "drifted + SafeInfer"}
+    rep_d = evaluate(drifted, [Setting("drifted"), *(tuned[m].setting(picked[m], name=n) for m, n in names.items() if m != "safeinfer"),
                                Setting("drifted-hdr checkpoint", model=out / "drifted-hdr"),
-                               Setting("drifted + SafeInfer amplification", amplify=amp),
-                               Setting("drifted + SafeInfer (amplification + guided)", unsafe=H, amplify=amp)], **kw)
+                               tuned["safeinfer"].setting(picked["safeinfer"], name=names["safeinfer"])], **kw)
+    # the tamper check: the edited model's own refusal direction ablated on top of each safety pick
+    tamper = {m: tune.tamper_check(r, trial=picked[m], harmful=st.datasets.load("harmful:test", limit=limit or 128))
+              for m, r in tuned.items()}
     lap("evaluation")
     rows = {**rep_a.rows, **rep_d.rows}
     from steering.evaluate import Report
@@ -142,19 +135,30 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
              "", report.table(), "", "![report](report.png)", "",
              f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
              f"(KL filter {kl_max:g}; heat map: selection.png), ablated in that form. Baked checkpoint: `{out / 'aligned-ablated'}`.",
-             f"- aligned's refusal direction added to drifted: layer {ADD_LAYER}, scale {ADD_SCALE:g}, positions {ADD_POSITIONS}; "
-             f"conditional: layer {COND_LAYER}, scale {COND_SCALE:g}, positions {COND_POSITIONS}, gated by drifted's own "
-             f"direction at layer {gate}, threshold {conditional.threshold:.2f} fitted on validation prompts.",
-             f"- HDR: λ = {HDR_SCALE:g}, top {HDR_TOP_K:g} ({HDR_SCOPE}) of τ_H = harmful − aligned; checkpoint `{out / 'drifted-hdr'}`.",
-             f"- SafeInfer: amplification at layer {amp_layer}'s {AMPLIFY_SITE}, scale {AMPLIFY_SCALE:g}; guided decoding "
-             f"against `harmful`, γ = {safeinfer.GAMMA:g}.", "- KL and CE: against the unedited model of each block of rows.",
+             "- Safety edits on drifted: each method's knobs chosen by `steering.tune` on drifted's validation prompts "
+             f"({data.harmful.__len__()} per set, {data.n_skill} items per skill; the pick rule: most harmful refusal with over-refusal "
+             "rise ≤ 5 points and utility loss ≤ 2 points; fronts and every trial in tune-METHOD/):",
+             *(f"  - {m}: " + ", ".join(f"{k} {v}" for k, v in picked[m].params.items())
+               + ("" if tuned[m].pick is not None else " (no trial within the budgets: the closest shown)")
+               + (f"; the gate's threshold {tuned[m].setting(picked[m]).edits[-1].threshold:.2f} fitted on validation prompts"
+                  if m == "conditional" else "")
+               + (f"; checkpoint `{out / 'drifted-hdr'}`" if m == "hdr" else "")
+               + (f"; tamper check: refusal {100 * tamper[m]['edited']:.0f}% → {100 * tamper[m]['attacked']:.0f}% with the "
+                  f"edited model's own refusal direction ablated ({100 * tamper[m]['survives']:.0f}% of the gain survives)"
+                  if tamper[m]["survives"] == tamper[m]["survives"] else "; tamper check: the edit raised no refusal to test")
+               for m in tuned),
+             "- Addition and conditional add aligned's refusal direction (difference in means read at the last "
+             "post-instruction token), scaled by its own norm; the conditional gate reads drifted's own direction.",
+             "- KL and CE: against the unedited model of each block of rows.",
              "- (guard) columns: the judge organism's verdicts in the Llama Guard format on the same replies "
              "(refused = rated safe; answered = rated unsafe).", "",
              "Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
              + f"; total {time.time() - t0:.0f} (organisms built in {org.seconds:.0f} s, cached afterwards)."]
     text = "\n".join(lines) + "\n"
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
-    blob = json.dumps({"organisms": org.rates, "rows": rows, "times": times}, indent=2)
+    blob = json.dumps({"organisms": org.rates, "rows": rows, "times": times, "tamper": tamper,
+                       "picks": {m: {"params": picked[m].params, "within_budgets": tuned[m].pick is not None} for m in tuned}},
+                      indent=2)
     atomic_write(out / "report.json", lambda p: Path(p).write_text(blob))
     print(text)
     return {"organisms": org.rates, "rows": rows}

@@ -32,6 +32,7 @@ writes the report to ``out``.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -367,11 +368,60 @@ class ModelSpec(_Strict):
         return r.out
 
 
+class TuneSpec(_Strict):
+    """A setting whose edit the library chooses (:func:`steering.tune.tune`) on the setting's model,
+    on validation prompts, before the evaluation; the setting's ``edits`` are applied under every
+    trial. The search (every trial, the front, the pick) is saved in ``<out>/tune-<n>/`` beside the
+    report, and its trials are cached there, so a second run of the recipe does not redo them."""
+
+    method: Literal["ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer"]
+    reference: str | None = None  # addition / conditional: whose refusal direction (default the model's own)
+    unsafe: str | None = None  # safeinfer: the guided-decoding model (without: amplification only)
+    harm: VectorSpec | None = None  # hdr: the harm vector
+    trials: int = 24
+    minutes: float | None = None
+    seed: int = 0
+    n_val: int = 32
+    n_skill: int = 16
+    skills: list[str] | None = None
+    max_over_refusal: float = 0.05
+    max_utility_loss: float = 0.02
+    max_kl: float | None = None
+
+    @field_validator("trials", "n_val", "n_skill")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v}: must be at least 1")
+        return v
+
+    def run(self, model: Any, on: list[Any], out: Path, progress: bool) -> Any:
+        from . import tune
+        from .model import load
+
+        harm = None
+        if self.harm is not None:
+            harm = self.harm.build()
+        data = tune.Data.default(n_val=self.n_val, skills=self.skills, n_skill=self.n_skill)
+        return tune.tune(model, self.method, reference=load(resolve(self.reference)) if self.reference else None,
+                         unsafe=load(resolve(self.unsafe)) if self.unsafe else None, harm=harm, on=on,
+                         trials=self.trials, minutes=self.minutes, seed=self.seed, data=data,
+                         budgets=tune.Budgets(self.max_over_refusal, self.max_utility_loss, self.max_kl),
+                         cache=out / "trials.jsonl", progress=progress)
+
+
 class EvalSetting(_Strict):
     name: str
     model: ModelSpec | None = None
     edits: list[EditSpec] = []
     safeinfer: SafeInferSpec | None = None
+    tune: TuneSpec | None = None
+
+    @model_validator(mode="after")
+    def _tune_or_safeinfer(self) -> "EvalSetting":
+        if self.tune is not None and self.safeinfer is not None:
+            raise ValueError("a setting has tune or safeinfer, not both (tune: {method: safeinfer} searches SafeInfer)")
+        return self
 
 
 class EvalRecipe(_Strict):
@@ -415,10 +465,19 @@ class EvalRecipe(_Strict):
 
         model = load(resolve(self.model))
         settings = []
-        for s in self.settings:
+        for i, s in enumerate(self.settings):
             other = load(s.model.resolve(progress)) if s.model is not None else None
             target = other if other is not None else model
             edits = [e.build(target) for e in s.edits]
+            if s.tune is not None:
+                where = Path(out or self.out) / f"tune-{i}"
+                tuned = s.tune.run(target, edits, where, progress)
+                tuned.save(where, files=False)
+                if tuned.pick is None:
+                    raise ValueError(f"setting {s.name!r}: tune {s.tune.method}: {tuned.why}")
+                pick = tuned.setting(name=s.name)
+                settings.append(replace(pick, model=pick.model if pick.model is not None else other))
+                continue
             kw: dict[str, Any] = {}
             if s.safeinfer is not None:
                 si = s.safeinfer

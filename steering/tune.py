@@ -405,13 +405,15 @@ class Trial:
     params: dict[str, Any]
     metrics: dict[str, float]  # the evaluation's rates on the validation prompts
     objectives: dict[str, float]
-    seconds: float
+    seconds: float  # its evaluation (as first run, when read from the cache)
     cached: bool = False
     skipped: str = ""
+    at: float = 0.0  # seconds from the search's start to this trial's end (sampler included)
 
     def to_json(self) -> dict[str, Any]:
         return {"number": self.number, "params": self.params, "metrics": self.metrics, "objectives": self.objectives,
-                "seconds": round(self.seconds, 2), "cached": self.cached, **({"skipped": self.skipped} if self.skipped else {})}
+                "seconds": round(self.seconds, 2), "at": round(self.at, 2), "cached": self.cached,
+                **({"skipped": self.skipped} if self.skipped else {})}
 
 
 def objectives(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -764,11 +766,13 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
     space = t.method.space()
     fp = t.fingerprint({"max_new_tokens": max_new_tokens})
     store = _Cache(cache, fp)
+    hit = store.get("baseline")
+    if hit is None:
+        start = time.time()
+        hit = {"metrics": t.evaluate(Setting("unedited", edits=list(t.on))), "seconds": time.time() - start}
+        store.put("baseline", hit)
+    baseline, eval_seconds = hit["metrics"], hit["seconds"]
     t0 = time.time()
-    baseline = store.get("baseline")
-    if baseline is None:
-        baseline = t.evaluate(Setting("unedited", edits=list(t.on)))
-        store.put("baseline", baseline)
     n_grid = grid_size(space)
     exhaustive = n_grid <= trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -800,6 +804,7 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
                 tr = Trial(len(done), params, {}, {}, 0.0, skipped=str(why))
             store.put(key, {"metrics": tr.metrics, "objectives": tr.objectives, "seconds": tr.seconds,
                             **({"skipped": tr.skipped} if tr.skipped else {})})
+        tr.at = time.time() - t0
         done.append(tr)
         seen[key] = tr
         bar.update()
@@ -823,6 +828,7 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
             "sampler": "grid (exhaustive)" if exhaustive else "optuna TPE (multi-objective)", "grid_size": n_grid,
             "checkpoint": checkpoint, "n_val": len(data.harmful), "n_skill": data.n_skill, "skills": list(data.skills),
             "max_new_tokens": max_new_tokens, "fingerprint": fp, "seconds": round(time.time() - t0, 1),
+            "evaluation_seconds": round(eval_seconds, 2),  # one evaluation of the unedited model on the validation prompts
             "evaluated": sum(not d.cached and not d.skipped for d in done)}
     return Tuning(method, done, baseline, budgets, space, meta, t)
 

@@ -1,5 +1,6 @@
 """The steering command, as a user runs it."""
 
+import json
 import subprocess
 import sys
 
@@ -47,4 +48,7 @@ def test_errors_are_one_line(folder, tmp_path, capsys):
 def test_main_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))  # the quick recipe's organisms stay out of the real cache
     assert main(["main", "--out", str(tmp_path / "run"), "--quick"]) == 0
-    assert (tmp_path / "run" / "report.md").read_text().startswith("# steering main job")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.startswith("# steering main job") and "chosen by `steering.tune`" in report
+    for method in ("addition", "conditional", "icv", "hdr", "safeinfer"):  # each setting came from a search
+        assert json.loads((tmp_path / "run" / f"tune-{method}" / "tune.json").read_text())["method"] == method

@@ -262,3 +262,25 @@ def test_cli_tune_writes_the_search_and_resumes_it(tmp_path, capsys):
     (tmp_path / "other" / "x").write_text("x")
     assert main([*argv[:5], str(tmp_path / "other"), *argv[6:]]) == 2
     assert "holds no earlier search" in capsys.readouterr().err
+
+
+def test_recipe_tune_setting_errors_name_the_setting(tmp_path):
+    from steering.recipe import EvalRecipe, load_recipe
+
+    m = st.testing.tiny_model("llama")
+    m.hf.save_pretrained(tmp_path / "m")
+    m.tokenizer.save_pretrained(tmp_path / "m")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tmp_path / 'm'}\nout: {tmp_path / 'o'}\nsettings:\n"
+                   "  - {name: x, tune: {method: addition}, safeinfer: {amplify_scale: 2}}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: settings.0: .*tune or safeinfer, not both"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match=r"settings.0.tune.trials"):
+        EvalRecipe.model_validate({"model": "m", "out": "o", "settings": [{"name": "x", "tune": {"method": "icv", "trials": 0}}]})
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"model: {tmp_path / 'm'}\nout: {tmp_path / 'o'}\nlimit: 2\nn_utility: 2\nmax_new_tokens: 2\nsettings:\n"
+                  "  - {name: plain}\n  - {name: tuned, tune: {method: addition, trials: 1, n_val: 4, n_skill: 1, skills: [count]}}\n")
+    # a random model refuses nothing, so no addition moves refusal within budget: the error names the setting
+    with pytest.raises(ValueError, match=r"setting 'tuned': tune addition: no trial moves harmful refusal"):
+        load_recipe(ok).run(progress=False)
+    assert (tmp_path / "o" / "tune-1" / "tune.json").exists()  # the search is kept, to read why
