@@ -35,6 +35,12 @@ def register_scheme(scheme: str, resolve: Callable[[str], str]) -> None:
     NAME_SCHEMES[scheme] = resolve
 
 
+def resolve_name(name: str) -> str:
+    """The folder a registered name stands for (``organism:KIND`` → its folder); other names unchanged."""
+    scheme, sep, _ = str(name).partition(":")
+    return NAME_SCHEMES[scheme](str(name)) if sep and scheme in NAME_SCHEMES else str(name)
+
+
 def _is_bridge(obj: Any) -> bool:
     return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "original_model")
 
@@ -262,10 +268,7 @@ def load(model: Any, tokenizer: Any = None, *, arch: dict[str, Any] | ArchSpec |
         raise TypeError(f"load: expected a path, hub name, PreTrainedModel or TransformerBridge, got {type(model).__name__}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = os.fspath(model)
-    scheme, sep, _ = name.partition(":")
-    if sep and scheme in NAME_SCHEMES:  # e.g. organism:KIND or organism:ARCH/KIND (built on first use)
-        name = NAME_SCHEMES[scheme](name)
+    name = resolve_name(os.fspath(model))  # e.g. organism:KIND or organism:ARCH/KIND (built on first use)
     local = Path(name).expanduser()
     is_local = local.exists() or _looks_like_path(name)
     if is_local:

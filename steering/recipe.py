@@ -374,7 +374,7 @@ class TuneSpec(_Strict):
     trial. The search (every trial, the front, the pick) is saved in ``<out>/tune-<n>/`` beside the
     report, and its trials are cached there, so a second run of the recipe does not redo them."""
 
-    method: Literal["ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer"]
+    method: str  # one of steering.tune.METHOD_NAMES
     reference: str | None = None  # addition / conditional: whose refusal direction (default the model's own)
     unsafe: str | None = None  # safeinfer: the guided-decoding model (without: amplification only)
     harm: VectorSpec | None = None  # hdr: the harm vector
@@ -387,6 +387,15 @@ class TuneSpec(_Strict):
     max_over_refusal: float = 0.05
     max_utility_loss: float = 0.02
     max_kl: float | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from .tune import METHOD_NAMES
+
+        if v not in METHOD_NAMES:
+            raise ValueError(f"method {v!r}: choose from {', '.join(METHOD_NAMES)}")
+        return v
 
     @field_validator("trials", "n_val", "n_skill")
     @classmethod

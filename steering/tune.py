@@ -74,7 +74,7 @@ from .edits import Edit, combine
 from .evaluate import Setting
 from .model import Model, as_model
 
-METHODS = ("ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer")
+METHOD_NAMES = ("ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer")
 REMOVE = ("ablation", "affine")  # methods whose aim is less refusal
 OBJECTIVES = ("refusal", "over_refusal", "utility_loss", "kl")
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the direction's own norm (the mean harmful − harmless difference)
@@ -259,7 +259,7 @@ class _Conditional(_Addition):
     def space(self) -> dict[str, list]:
         n = self.t.model.n_layers
         if self.t.inner is not None:
-            first = min(k[1] for k, _ in self.t.inner._hooks(self.t.model))
+            first = min(layer for _, layer in self.t.inner.hook_points(self.t.model))
             return {"gate": list(range(1, max(2, first + 1)))}
         # gates from layer 1: at layer 0 the last template token has the same embedding in every prompt
         return {**{k: v for k, v in super().space().items() if k != "positions"}, "positions": ["all"],
@@ -617,7 +617,7 @@ class Tuner:
                  on: Sequence[Edit] = (), inner: Edit | None = None, data: Data | None = None, checkpoint: bool = False,
                  utility: Callable[[Model, Setting], float] | None = None, max_new_tokens: int = 32, batch_size: int = 64):
         if method not in _CLASSES:
-            raise ValueError(f"method {method!r}: choose from {', '.join(METHODS)}")
+            raise ValueError(f"method {method!r}: choose from {', '.join(METHOD_NAMES)}")
         self.model = as_model(model)
         self.reference = as_model(reference) if reference is not None else None
         self.unsafe = as_model(unsafe) if unsafe is not None else None
@@ -660,12 +660,7 @@ class Tuner:
         from ._version import __version__
 
         def edit_id(e: Edit | None) -> str:
-            if e is None:
-                return ""
-            h = hashlib.sha256(json.dumps(e._params(), sort_keys=True, default=str).encode())
-            for k, v in sorted(e._tensors().items()):
-                h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
-            return h.hexdigest()[:16]
+            return "" if e is None else e.fingerprint()
 
         parts = {"model": model_fingerprint(self.model), "method": self.method.name, "data": self.data.fingerprint(),
                  "reference": model_fingerprint(self.reference) if self.reference is not None else "",
@@ -721,7 +716,7 @@ class Tuner:
 
 
 def _harm_vector(harm: Any) -> Any:
-    from .recipe import resolve
+    from .model import resolve_name as resolve
     from .weights.taskvec import TaskVector
 
     if harm is None or isinstance(harm, TaskVector):

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..tune import METHOD_NAMES
 from . import commands as cmd
 from .args import (add_safeinfer_args, end_progress_bars, finite_float, fraction, nonneg_float, one_line, positive_int,
                    skill_list)
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = model_cmd("tune", "Search an edit's settings on MODEL's validation prompts: every trial, the Pareto front, a pick within "
                           "budgets, and the pick's files (see steering.tune).")
-    c.add_argument("--method", required=True, choices=("ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer"))
+    c.add_argument("--method", required=True, choices=METHOD_NAMES)
     c.add_argument("--out", required=True, help="folder for tune.json, front.md, front.png, trials.jsonl (the trial cache: "
                                                 "run again with the same --out to resume) and the pick's files")
     c.add_argument("--reference", help="the model whose refusal direction addition / conditional add (default: MODEL)")

@@ -93,6 +93,19 @@ class Edit:
     def bake(self, model: Any, inplace: bool = False) -> Model:
         raise NotImplementedError(f"{type(self).__name__} has no exact weight form; use .hooks(model)")
 
+    def hook_points(self, model: Any) -> list[tuple[str, int]]:
+        """The (site, layer) points this edit hooks on ``model``, in order."""
+        return [k for k, _ in self._hooks(as_model(model))]
+
+    def fingerprint(self) -> str:
+        """A hash of what the edit's file holds (its kind, parameters and tensors)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.kind}{json.dumps(self._params(), sort_keys=True, default=str)}".encode())
+        for k, v in sorted(self._tensors().items()):
+            h.update(k.encode() + v.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # --- files -------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
