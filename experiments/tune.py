@@ -48,9 +48,14 @@ N_HARMLESS_TEST, N_SKILL_TEST = 300, 64
 
 
 def test_sets() -> dict[str, list[str]]:
+    """Every harmful and XSTest test prompt, and a seeded draw of harmless:test (stored source by source)."""
+    import random
+
     from steering import datasets
 
-    return {k: datasets.load(v, limit=N_HARMLESS_TEST if k == "harmless" else None) for k, v in TEST.items()}
+    out = {k: datasets.load(v) for k, v in TEST.items()}
+    out["harmless"] = random.Random(0).sample(out["harmless"], N_HARMLESS_TEST)
+    return out
 
 
 def hand_setting(method: str, t, org) -> "object":
@@ -162,9 +167,9 @@ def render(res: dict) -> list[str]:
     lines = ["# The search against the hand-chosen settings", "",
              "Command: `python experiments/tune.py` (" + ", ".join(f"{a['arch']}: {a['trials']} trials per method"
                                                           for a in res["archs"]) + "; seed 0; the default budgets: "
-             "over-refusal rise ≤ 5 points, utility loss ≤ 2 points). Search on validation prompts (32 of each set, "
-             "16 validation items per skill); each row below on held-out test prompts: harmful:test, "
-             f"{N_HARMLESS_TEST} harmless:test, XSTest's test split; greedy, 32 new tokens; substring judge; skills: "
+             "over-refusal rise ≤ 5 points, utility loss ≤ 2 points). Search on validation prompts (32 of each set drawn "
+             "at random from the whole split, 32 validation items per skill); each row below on held-out test prompts: harmful:test, "
+             f"{N_HARMLESS_TEST} harmless:test drawn at random, XSTest's test split; greedy, 32 new tokens; substring judge; skills: "
              f"exact match on {N_SKILL_TEST} test items each, utility their mean. `hand-chosen`: steering/main.py's "
              "settings before the search (chosen on the llama organisms before they had skills). The Pareto fronts, "
              "plots and every trial: results/tune/<arch>/<method>/.", ""]

@@ -87,7 +87,7 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
 
     tau_h = TaskVector.between(A, H)
     tau_h.save(out / "tau_h.safetensors", overwrite=True)
-    data = tune.Data.default(n_val=4 if quick else 32, skills=st.skills.SKILLS, n_skill=2 if quick else 16)
+    data = tune.Data.default(n_val=4 if quick else 32, skills=st.skills.SKILLS, n_skill=2 if quick else 32)
     args = {"addition": {"reference": aligned}, "conditional": {"reference": aligned}, "icv": {},
             "hdr": {"harm": tau_h}, "safeinfer": {"unsafe": st.load(H)}}
     tuned, picked = {}, {}

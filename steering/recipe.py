@@ -382,7 +382,7 @@ class TuneSpec(_Strict):
     minutes: float | None = None
     seed: int = 0
     n_val: int = 32
-    n_skill: int = 16
+    n_skill: int = 32
     skills: list[str] | None = None
     max_over_refusal: float = 0.05
     max_utility_loss: float = 0.02

@@ -77,7 +77,9 @@ from .model import Model, as_model
 METHOD_NAMES = ("ablation", "affine", "addition", "conditional", "icv", "hdr", "safeinfer")
 REMOVE = ("ablation", "affine")  # methods whose aim is less refusal
 OBJECTIVES = ("refusal", "over_refusal", "utility_loss", "kl")
-SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the direction's own norm (the mean harmful − harmless difference)
+# additions: multiples of the direction's own norm (the mean harmful − harmless difference); HDR: of τ_H
+SCALES = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0)
+HDR_SCALES, HDR_TOP_K = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -114,17 +116,28 @@ class Data:
     n_skill: int
 
     @classmethod
-    def default(cls, n_val: int = 32, n_train: int = 128, skills: Sequence[str] | None = None, n_skill: int = 16) -> "Data":
+    def default(cls, n_val: int = 32, n_train: int = 128, skills: Sequence[str] | None = None, n_skill: int = 32,
+                seed: int = 0) -> "Data":
+        """``n_val`` prompts of each validation split and ``n_train`` of each train split, drawn at
+        random (``seed``) from the whole split: the bundled splits are stored source by source, so
+        their first prompts would all come from one source. The gate's threshold is fitted on other
+        validation prompts than the scored ones."""
+        import random
+
         from . import datasets
         from . import skills as sk
 
         if n_val < 4:
             raise ValueError(f"n_val={n_val}: score on at least 4 prompts of each set")
-        hv, lv = datasets.load("harmful:val"), datasets.load("harmless:val")
-        return cls(hv[:n_val], lv[:n_val], datasets.load("xstest:safe:val", limit=n_val),
-                   datasets.load("harmful:train", limit=n_train), datasets.load("harmless:train", limit=n_train),
-                   hv[n_val:n_val + 2 * n_val], lv[n_val:n_val + 8 * n_val],
-                   tuple(sk.SKILLS if skills is None else skills), n_skill)
+
+        def draw(name: str, n: int, salt: str) -> list[str]:
+            ps = datasets.load(name)
+            return random.Random(f"{seed}:{salt}").sample(ps, len(ps))[:n]
+
+        hv, lv = draw("harmful:val", 3 * n_val, "hv"), draw("harmless:val", 9 * n_val, "lv")
+        return cls(hv[:n_val], lv[:n_val], draw("xstest:safe:val", n_val, "xs"), draw("harmful:train", n_train, "ht"),
+                   draw("harmless:train", n_train, "lt"), hv[n_val:], lv[n_val:], tuple(sk.SKILLS if skills is None else skills),
+                   n_skill)
 
     def fingerprint(self) -> str:
         from .vectors import prompts_hash
@@ -323,7 +336,7 @@ class _Hdr(_Method):
     def space(self) -> dict[str, list]:
         if self.t.harm is None:
             raise ValueError("hdr: give the harm vector (harm=(base, finetuned) folders, or a task-vector file)")
-        return {"scale": [0.5, 1.0, 2.0, 3.0, 4.0], "top_k": [0.05, 0.1, 0.3, 0.5, 1.0], "scope": ["global", "tensor"]}
+        return {"scale": list(HDR_SCALES), "top_k": list(HDR_TOP_K), "scope": ["global", "tensor"]}
 
     def patched(self, p: dict[str, Any]) -> Model:
         """A copy of the model with θ − λ·topk(τ_H) written into its weights (the copy is made once)."""
@@ -735,7 +748,7 @@ def grid_size(space: dict[str, list]) -> int:
 def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, harm: Any = None,
          on: Sequence[Edit] = (), inner: Edit | None = None, trials: int = 24, minutes: float | None = None,
          seed: int = 0, budgets: Budgets | None = None, data: Data | None = None, n_val: int = 32,
-         skills: Sequence[str] | None = None, n_skill: int = 16, checkpoint: bool = False,
+         skills: Sequence[str] | None = None, n_skill: int = 32, checkpoint: bool = False,
          utility: Callable[[Model, Setting], float] | None = None, cache: str | os.PathLike | None = None,
          max_new_tokens: int = 32, batch_size: int = 64, progress: bool = True) -> Tuning:
     """Search ``method``'s knobs on ``model`` (see the module docstring) and return a :class:`Tuning`.
@@ -811,9 +824,12 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
         o = tr.objectives
         return (o["refusal"], o["over_refusal"], o["utility_loss"], o["kl"])
 
-    try:
-        study.optimize(_catching(objective), n_trials=min(trials, n_grid), timeout=None if minutes is None else 60 * minutes,
-                       catch=())
+    deadline = None if minutes is None else time.time() + 60 * minutes
+    try:  # one trial at a time: a point TPE proposes again costs no evaluation and no budget (at most 4× as many asks)
+        for _ in range(4 * min(trials, n_grid)):
+            if len(done) >= min(trials, n_grid) or (deadline is not None and time.time() >= deadline):
+                break
+            study.optimize(_catching(objective), n_trials=1, catch=())
     finally:
         bar.close()
     meta = {"model": t.model.name, "reference": t.reference.name if t.reference is not None else None,

@@ -284,3 +284,12 @@ def test_recipe_tune_setting_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"setting 'tuned': tune addition: no trial moves harmful refusal"):
         load_recipe(ok).run(progress=False)
     assert (tmp_path / "o" / "tune-1" / "tune.json").exists()  # the search is kept, to read why
+
+
+def test_default_data_draws_from_every_source_and_keeps_splits_apart():
+    d = Data.default(n_val=32)
+    sources = {s: set(st.datasets.load(f"{s}:val")) for s in ("advbench", "jailbreakbench", "harmbench", "refusal_direction")}
+    assert sum(any(p in v for p in d.harmful) for v in sources.values()) >= 3  # the split's first 32 are all advbench
+    assert not set(d.harmful) & set(d.fit_harmful) and not set(d.harmless) & set(d.fit_harmless)
+    assert set(d.harmful) <= set(st.datasets.load("harmful:val")) and set(d.harmful_train) <= set(st.datasets.load("harmful:train"))
+    assert Data.default(n_val=32).harmful == d.harmful  # seeded: the same draw every time

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0): the same seed repeats the search")
     c.add_argument("--n-val", type=positive_int, default=32, help="validation prompts of each set per trial (default 32)")
     c.add_argument("--skills", type=skill_list, help="skills for the utility objective (default: all of steering.skills)")
-    c.add_argument("--n-skill", type=positive_int, default=16, help="validation items per skill (default 16)")
+    c.add_argument("--n-skill", type=positive_int, default=32, help="validation items per skill (default 32)")
     c.add_argument("--max-over-refusal", type=fraction, default=0.05,
                    help="budget: largest rise of harmless and of XSTest-safe refusal (default 0.05 = 5 points)")
     c.add_argument("--max-utility-loss", type=fraction, default=0.02, help="budget: largest utility loss (default 0.02)")
