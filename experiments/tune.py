@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _util import cli, write_results  # noqa: E402
+from _util import write_results  # noqa: E402
 
 torch.set_num_threads(1)
 OUT = Path(__file__).parent / "results" / "tune"
@@ -142,7 +144,13 @@ def unseen(spec: str, trials: int) -> dict:
     for method in ("conditional", "addition"):
         where = OUT / f"unseen-{arch}-seed{seed}" / method
         t0 = time.time()
-        text = cli("tune", D, "--method", method, "--reference", A, "--out", str(where), "--trials", str(trials))
+        # the budgets a user with the target in hand sets: over-refusal and utility loss within 5 points each
+        done = subprocess.run([sys.executable, "-m", "steering.cli", "tune", D, "--method", method, "--reference", A, "--out",
+                               str(where), "--trials", str(trials), "--max-over-refusal", "0.05", "--max-utility-loss", "0.05"],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode not in (0, 1):  # 1: no pick within the budgets (said on stdout)
+            raise RuntimeError(f"steering tune failed:\n{done.stderr[-2000:]}")
+        text = done.stdout
         search_s = time.time() - t0
         blob = json.loads((where / "tune.json").read_text())
         row: dict = {"cli": text.splitlines()[-1], "search_seconds": round(search_s, 1), "pick": None}
@@ -185,7 +193,8 @@ def render(res: dict) -> list[str]:
             lines.append(f"| {a['arch']} | {m} | {r['target']} | {pct(u['harmful_refusal'])} | {pct(h['harmful_refusal'])} | "
                          f"{pct(t['harmful_refusal'])} | {pct(t['harmless_refusal'])} | "
                          f"{100 * (u['utility'] - t['utility']):+.1f} | {100 * (u['utility'] - h['utility']):+.1f} | "
-                         + (f"{pct(tam['survives'])} ({pct(tam['edited'])} → {pct(tam['attacked'])})" if tam else "–") + " | "
+                         + (f"{pct(tam['survives'])} ({pct(tam['edited'])} → {pct(tam['attacked'])})"
+                            if tam and tam["survives"] == tam["survives"] else "–") + " | "
                          + (", ".join(f"{k} {v}" for k, v in r["pick"].items()) if r["pick"] else
                             "no pick: " + r["why"].split(";")[0]) + " |")
     lines += ["", "Utility loss: points of mean exact match lost against the unedited model (negative: gained).", ""]
@@ -209,7 +218,7 @@ def render(res: dict) -> list[str]:
                       *r["front"].splitlines(), ""]
             if r["pick"] is None:
                 lines += [f"No pick within the budgets: {r['why']}", ""]
-            if r["tamper"]:
+            if r["tamper"] and r["tamper"]["survives"] == r["tamper"]["survives"]:
                 tam = r["tamper"]
                 lines += [f"Tamper check: the edited model's own refusal direction (layer {tam['direction_layer']}, position "
                           f"{tam['direction_position']}) ablated on top of the pick: refusal {pct(tam['edited'])} → "
@@ -239,9 +248,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--methods", default="addition,conditional,icv,hdr,safeinfer,ablation")
     ap.add_argument("--unseen", help="ARCH:SEED, e.g. qwen2:3")
+    ap.add_argument("--render", action="store_true", help="only rewrite tune.md from tune.json")
     args = ap.parse_args()
     path = OUT.parent / "tune.json"
     old = json.loads(path.read_text()) if path.exists() else {"archs": []}
+    if args.render:
+        write_results(OUT.parent / "tune", old, render(old))
+        return
     archs = args.arch or (["llama", "gpt2"] if not args.unseen else [])
     res = {"archs": [a for a in old["archs"] if a["arch"] not in archs], "unseen": old.get("unseen")}
     for arch in archs:

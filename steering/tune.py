@@ -170,9 +170,6 @@ class _Method:
     def setting(self, p: dict[str, Any]) -> Setting:
         raise NotImplementedError
 
-    def describe(self, p: dict[str, Any]) -> str:
-        return ", ".join(f"{k} {v}" for k, v in p.items())
-
     def export(self, p: dict[str, Any], out: Path) -> dict[str, str]:
         """The pick's files in ``out``; returns {what: path}."""
         s = self.setting(p)
@@ -297,7 +294,7 @@ class _Conditional(_Addition):
             inner = self.t.inner
         else:
             if p["layer"] < p["gate"]:  # the gate must be read before the edit acts
-                return None  # type: ignore[return-value]
+                raise _Skip(f"the addition at layer {p['layer']} acts before the gate at layer {p['gate']} reads")
             inner = super().edit(p)
         key = ("gate", p["gate"])
         if key not in self.t.shared:
@@ -306,10 +303,7 @@ class _Conditional(_Addition):
                                self.t.data.fit_harmless)
 
     def setting(self, p: dict[str, Any]) -> Setting:
-        e = self.edit(p)
-        if e is None:
-            raise _Skip(f"the addition at layer {p['layer']} acts before the gate at layer {p['gate']} reads")
-        return Setting(self.name, edits=[*self.t.on, e])
+        return Setting(self.name, edits=[*self.t.on, self.edit(p)])
 
 
 class _Icv(_Method):
@@ -359,9 +353,6 @@ class _Hdr(_Method):
                 w = orig[n]
                 params[n].copy_((trimmed.get(n).mul_(-float(p["scale"])).add_(w.float())).to(w.dtype))
         return m
-
-    def space_key(self, p: dict[str, Any]) -> dict[str, Any]:
-        return p
 
     def setting(self, p: dict[str, Any]) -> Setting:
         if p["top_k"] >= 1.0 and p["scope"] == "tensor":
