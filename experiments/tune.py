@@ -104,11 +104,17 @@ def run_arch(arch: str, trials: int, methods: list[str]) -> dict:
         hand = hand_setting(method, r.tuner, org)
         settings = [st.evaluate.Setting("unedited"), st.evaluate.Setting("hand-chosen", **_fields(hand)),
                     r.setting(pick, name="tuned pick" if r.pick is not None else "closest trial (no pick)")]
-        if method == "hdr":  # the tuned pick and the hand setting share HDR's patched copy: evaluate each on its own copy
+        # the same trials under looser budgets (5 points of utility, as Safety Arithmetic's claim): no new search
+        loose = r.pick_for(tune.Budgets(over_refusal=0.05, utility_loss=0.05))
+        if loose is not None and loose.number != pick.number:
+            settings.append(r.setting(loose, name="tuned pick, 5-point budgets"))
+        if method == "hdr":  # the settings share HDR's patched copy: evaluate each on its own copy
             from steering.edits.base import copy_model
 
             settings[1] = st.evaluate.Setting("hand-chosen", model=copy_model(r.tuner.method.patched(HAND["hdr"])))
-            settings[2] = st.evaluate.Setting(settings[2].name, model=copy_model(r.tuner.method.patched(pick.params)))
+            for i, trial in ((2, pick), (3, loose)):
+                if i < len(settings):
+                    settings[i] = st.evaluate.Setting(settings[i].name, model=copy_model(r.tuner.method.patched(trial.params)))
         rep = evaluate(models[target], settings, sets=sets, n_utility=128, skills=skills.SKILLS, n_skill=N_SKILL_TEST,
                        batch_size=64, progress=False)
         tamper = None
@@ -117,6 +123,7 @@ def run_arch(arch: str, trials: int, methods: list[str]) -> dict:
         at = [t.at for t in r.trials]
         res["methods"][method] = {
             "target": target, "pick": None if r.pick is None else r.pick.params, "why": r.why, "closest": pick.params,
+            "loose": None if loose is None else loose.params,
             "hand": HAND[method], "val_baseline": r.baseline, "val_pick": pick.objectives, "test": rep.rows,
             "tamper": tamper, "search_seconds": round(search_s, 1), "evaluated": r.meta["evaluated"],
             "evaluation_seconds": r.meta["evaluation_seconds"], "grid_size": r.meta["grid_size"],
@@ -182,22 +189,28 @@ def render(res: dict) -> list[str]:
              "settings before the search (chosen on the llama organisms before they had skills). The Pareto fronts, "
              "plots and every trial: results/tune/<arch>/<method>/.", ""]
     lines += ["## Summary (test prompts)", "",
-              "| family | method | model | unedited refused | hand-chosen refused | tuned refused | tuned harmless refused "
-              "| tuned utility loss | hand utility loss | tamper: gain surviving an ablation | tuned setting |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| family | method | model | unedited refused | hand-chosen: refused / harmless refused / utility loss "
+              "| tuned pick: refused / harmless refused / utility loss | 5-point budgets: refused / utility loss "
+              "| tamper: gain surviving an ablation | tuned setting |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for a in res["archs"]:
         for m, r in a["methods"].items():
             rows = list(r["test"].values())
-            u, h, t = rows
+            u, h, t = rows[:3]
+            lo = rows[3] if len(rows) > 3 else (t if r.get("loose") else None)
             tam = r["tamper"]
-            lines.append(f"| {a['arch']} | {m} | {r['target']} | {pct(u['harmful_refusal'])} | {pct(h['harmful_refusal'])} | "
-                         f"{pct(t['harmful_refusal'])} | {pct(t['harmless_refusal'])} | "
-                         f"{100 * (u['utility'] - t['utility']):+.1f} | {100 * (u['utility'] - h['utility']):+.1f} | "
+            loss = lambda x: f"{100 * (u['utility'] - x['utility']):+.1f}"
+            lines.append(f"| {a['arch']} | {m} | {r['target']} | {pct(u['harmful_refusal'])} | "
+                         f"{pct(h['harmful_refusal'])} / {pct(h['harmless_refusal'])} / {loss(h)} | "
+                         f"{pct(t['harmful_refusal'])} / {pct(t['harmless_refusal'])} / {loss(t)} | "
+                         + (f"{pct(lo['harmful_refusal'])} / {loss(lo)}" if lo is not None else "no pick") + " | "
                          + (f"{pct(tam['survives'])} ({pct(tam['edited'])} → {pct(tam['attacked'])})"
                             if tam and tam["survives"] == tam["survives"] else "–") + " | "
                          + (", ".join(f"{k} {v}" for k, v in r["pick"].items()) if r["pick"] else
                             "no pick: " + r["why"].split(";")[0]) + " |")
-    lines += ["", "Utility loss: points of mean exact match lost against the unedited model (negative: gained).", ""]
+    lines += ["", "Utility loss: points of mean exact match lost against the unedited model (negative: gained). "
+              "The 5-point column: the pick rule applied to the same trials with over-refusal and utility budgets of "
+              "5 points each (`Tuning.pick_for`), the same as the pick where they agree.", ""]
     lines += ["## Search time", "",
               "| family | method | grid points | sampler | trials evaluated | search (s) | one evaluation (s) | search / one evaluation "
               "| time at trial 6 / 12 / 24 (s) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -503,6 +503,10 @@ class Tuning:
     def pick(self) -> Trial | None:
         return self._pick()[0]
 
+    def pick_for(self, budgets: Budgets) -> Trial | None:
+        """The pick under other budgets, from the same trials (no new evaluation)."""
+        return self._pick(budgets)[0]
+
     @property
     def why(self) -> str:
         """Empty when there is a pick; else the closest trial and the budget to relax."""

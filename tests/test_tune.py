@@ -293,3 +293,10 @@ def test_default_data_draws_from_every_source_and_keeps_splits_apart():
     assert not set(d.harmful) & set(d.fit_harmful) and not set(d.harmless) & set(d.fit_harmless)
     assert set(d.harmful) <= set(st.datasets.load("harmful:val")) and set(d.harmful_train) <= set(st.datasets.load("harmful:train"))
     assert Data.default(n_val=32).harmful == d.harmful  # seeded: the same draw every time
+
+
+def test_pick_for_reapplies_the_rule_under_other_budgets_without_a_search():
+    ts = [trial(0, 0.9, util=0.04), trial(1, 0.5, util=0.0)]
+    t = tune.Tuning("addition", ts, {"harmful_refusal": 0.0}, Budgets(utility_loss=0.02), {"x": [0, 1]})
+    assert t.pick.number == 1 and t.pick_for(Budgets(utility_loss=0.05)).number == 0
+    assert t.pick.number == 1  # the Tuning's own budgets are unchanged
