@@ -1,7 +1,9 @@
 """The main job: what ``steering main`` runs end to end on the model organisms.
 
 1. Build (or reuse) the organisms (llama by default; ``arch="gpt2"``, ``--arch gpt2``): ``aligned``, ``harmful``, ``drifted``.
-2. On ``aligned``: difference-in-means candidates at the post-instruction positions, selection
+2. On ``aligned``: difference-in-means candidates at the post-instruction positions (128 harmful
+   and 128 harmless train prompts, drawn at random from the splits, as every choice here is:
+   :meth:`steering.tune.Data.default`), selection on 32 validation prompts of each
    (bypass / induce / KL, the paper's filters, each candidate ablated in affine form: its
    coordinate kept at the harmless prompts' mean), the pick's ablation hooked and baked into a
    checkpoint (``aligned-ablated/``).
@@ -67,12 +69,16 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
     aligned, drifted = st.load(A), st.load(D)
     lap("organisms")
 
+    # the prompts every choice is made on: train and validation prompts drawn at random from the whole splits
+    # (the bundled splits are stored source by source); the test splits are only evaluated
+    from steering import tune
+
+    data = tune.Data.default(n_val=n_val, n_train=n_train, skills=st.skills.SKILLS, n_skill=2 if quick else 32)
+
     # --- refusal direction on aligned: extract, select, ablate (affine form), bake ------------------
-    harmful_tr, harmless_tr = st.datasets.load("harmful:train", limit=n_train), st.datasets.load("harmless:train", limit=n_train)
-    harmful_val, harmless_val = st.datasets.load("harmful:val", limit=n_val), st.datasets.load("harmless:val", limit=n_val)
     # (quick: the untrained organisms have nothing to remove; take the closest candidate, to run every step)
-    found = refusal_ablation(aligned, harmful_tr, harmless_tr, harmful_val, harmless_val, kl_threshold=kl_max,
-                             affine=True, closest=quick, progress=False)
+    found = refusal_ablation(aligned, data.harmful_train, data.harmless_train, data.harmful, data.harmless,
+                             kl_threshold=kl_max, affine=True, closest=quick, progress=False)
     cands, sel, ablation = found.candidates, found.selection, found.edit
     cands.save(out / "candidates.safetensors")
     sel.plot(str(out / "selection.png"))
@@ -83,11 +89,8 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
     lap("refusal direction: extract, select, bake")
 
     # --- safety edits on drifted, each chosen by the search on drifted's validation prompts ----------------
-    from steering import tune
-
     tau_h = TaskVector.between(A, H)
     tau_h.save(out / "tau_h.safetensors", overwrite=True)
-    data = tune.Data.default(n_val=4 if quick else 32, skills=st.skills.SKILLS, n_skill=2 if quick else 32)
     args = {"addition": {"reference": aligned}, "conditional": {"reference": aligned}, "icv": {},
             "hdr": {"harm": tau_h}, "safeinfer": {"unsafe": st.load(H)}}
     tuned, picked = {}, {}
@@ -136,7 +139,7 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
              f"- Refusal direction: layer {layer}, position {pos}, selected with each candidate ablated in affine form "
              f"(KL filter {kl_max:g}; heat map: selection.png), ablated in that form. Baked checkpoint: `{out / 'aligned-ablated'}`.",
              "- Safety edits on drifted: each method's knobs chosen by `steering.tune` on drifted's validation prompts "
-             f"({data.harmful.__len__()} per set, {data.n_skill} items per skill; the pick rule: most harmful refusal with over-refusal "
+             f"({len(data.harmful)} per set, {data.n_skill} items per skill; the pick rule: most harmful refusal with over-refusal "
              "rise ≤ 5 points and utility loss ≤ 2 points; fronts and every trial in tune-METHOD/):",
              *(f"  - {m}: " + ", ".join(f"{k} {v}" for k, v in picked[m].params.items())
                + ("" if tuned[m].pick is not None else " (no trial within the budgets: the closest shown)")
