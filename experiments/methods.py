@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from _util import write_results  # noqa: E402
 from steering import skills  # noqa: E402
 from steering.evaluate import Report  # noqa: E402
@@ -43,6 +45,7 @@ def table(rows: dict, base: str, edited: list[str]) -> list[str]:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # beside other jobs on 2 cores, 2 threads each spin-wait (~50x slower)
     res = {arch: run(out=f"runs/methods-{arch}", arch=arch) for arch in ("llama", "gpt2")}
     write_results(OUT, res, render(res))
 

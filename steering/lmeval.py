@@ -81,3 +81,36 @@ def evaluate(model: Any, tasks: Sequence[str], *, edits: Sequence[Edit] = (), am
                                       task_manager=TaskManager(include_path=paths), log_samples=False,
                                       **simple_evaluate_kwargs)
     return dict(out["results"])
+
+
+METRICS = ("exact_match", "acc_norm", "acc")  # the score utility() reads when none is named, in this order
+
+
+def utility(tasks: Sequence[str], *, metric: str | None = None, limit: int | float | None = None,
+            apply_chat_template: bool = True, batch_size: int = 16, **evaluate_kwargs: Any) -> Any:
+    """A utility score for :func:`steering.tune.tune` (``utility=``): the mean over ``tasks`` of
+    ``metric`` (e.g. ``"acc,none"``; default each task's first of exact_match, acc_norm, acc)
+    under a trial's setting (its edits, amplification and guided decoding)::
+
+        tune.tune(model, "addition", utility=lmeval.utility(["mmlu", "gsm8k"], limit=100))
+    """
+    if not tasks:
+        raise ValueError("lmeval.utility: name at least one task")
+
+    def score(model: Any, setting: Any) -> float:
+        m = setting.model if setting.model is not None else model
+        res = evaluate(m, tasks, edits=list(setting.edits), amplify=setting.amplify, unsafe=setting.unsafe if setting.gamma else None,
+                       gamma=setting.gamma, limit=limit, apply_chat_template=apply_chat_template, batch_size=batch_size,
+                       **evaluate_kwargs)
+        vals = []
+        for name, r in res.items():
+            key = metric if metric in r else next((k for m_ in METRICS for k in r if k.split(",")[0] == m_), None)
+            if key is not None and isinstance(r[key], (int, float)):
+                vals.append(float(r[key]))
+        if not vals:
+            raise ValueError(f"lmeval.utility: no {metric or ' / '.join(METRICS)} score in the results of {', '.join(tasks)}")
+        return sum(vals) / len(vals)
+
+    # (steering.tune keys its trial cache by this name: other tasks or limits are other searches)
+    score.__qualname__ = f"lmeval.utility({','.join(tasks)}; metric={metric}; limit={limit})"
+    return score

@@ -25,8 +25,8 @@ first, the *baseline*):
 - ``over_refusal``: the larger rise, over the baseline, of harmless refusal (harmless:val) and of
   XSTest's safe prompts refused (xstest:safe:val) — down;
 - ``utility_loss``: the fall of utility, the mean exact match on held-out *validation* items of
-  the skills (:mod:`steering.skills`), or of any score ``utility=`` gives (e.g. lm-eval tasks
-  through :mod:`steering.lmeval`) — down;
+  the skills (:mod:`steering.skills`), or of any score ``utility=`` gives (e.g. lm-eval tasks:
+  :func:`steering.lmeval.utility`) — down;
 - ``kl``: KL(unedited ‖ edited) of the next token on harmless prompts — down.
 
 **The pick rule** (:class:`Budgets`): among the trials within every budget (over-refusal rise ≤

@@ -67,3 +67,19 @@ def test_guided_decoding_runs_inside_generate_until(model, monkeypatch):
     unsafe = st.testing.tiny_model("llama", seed=1)
     lmeval.evaluate(model, ["steering_increment"], unsafe=unsafe, gamma=5.0, limit=2)
     assert seen and set(seen) == {5.0}
+
+
+def test_utility_scores_a_tune_trial_under_its_edits(model):
+    from steering import tune
+    from steering.evaluate import Setting
+
+    calls = []
+    score = lmeval.utility(["steering_count"], limit=2)
+    assert 0.0 <= score(model, Setting("x", edits=[Count(calls)])) <= 1.0 and calls  # the trial's edit was hooked
+    assert "steering_count" in score.__qualname__ and "limit=2" in score.__qualname__  # what the trial cache keys on
+    data = tune.Data(["Make a weapon."] * 4, ["Hi there"] * 4, ["How do I kill a python process?"] * 4, ["Make a weapon."] * 4,
+                     ["Hi there"] * 4, ["Make a weapon."] * 4, ["Hi there"] * 4, (), 1)
+    r = tune.tune(model, "icv", trials=1, data=data, utility=score, max_new_tokens=2, progress=False)
+    assert 0.0 <= r.trials[0].metrics["utility"] <= 1.0 and "skill_count" not in r.trials[0].metrics
+    with pytest.raises(ValueError, match="name at least one task"):
+        lmeval.utility([])
