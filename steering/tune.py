@@ -46,8 +46,9 @@ repeated search does not redo them. ``trials`` and ``minutes`` bound the budget.
 ``conditional`` gates an addition it tunes with it, or (``inner=``) a fixed edit, tuning only the
 gate.
 
-**Checkpoints.** With ``checkpoint=True`` only forms that bake on the model's family are
-candidates: the affine ablation is dropped where its biases cannot be written (e.g. Qwen2), and
+**Checkpoints and adapters.** With ``checkpoint=True`` (a Hugging Face folder) or
+``checkpoint="peft"`` (a LoRA adapter: the directional ablation only) only forms that bake on the
+model's family are candidates: the affine ablation is dropped where its biases cannot be written (e.g. Qwen2), and
 additions are restricted to every position (a bias). HDR's pick is always written as a
 checkpoint (:meth:`Tuning.save`), streamed by :func:`steering.weights.taskvec.hdr`.
 
@@ -178,7 +179,11 @@ class _Method:
         if edit is not None:
             edit.save(out / "pick.safetensors")
             files["edit"] = str(out / "pick.safetensors")
-            if self.t.checkpoint:
+            if self.t.checkpoint == "peft":
+                from .weights.export import to_peft
+
+                files["adapter"] = str(to_peft(edit, self.t.model, out / "adapter", overwrite=True))
+            elif self.t.checkpoint:
                 from .weights.bake import write_hf
 
                 files["checkpoint"] = str(write_hf(edit.bake(self.t.model), out / "checkpoint",
@@ -622,7 +627,7 @@ class Tuner:
     vectors, the patched copy HDR writes into). Built by :func:`tune`."""
 
     def __init__(self, model: Any, method: str, *, reference: Any = None, unsafe: Any = None, harm: Any = None,
-                 on: Sequence[Edit] = (), inner: Edit | None = None, data: Data | None = None, checkpoint: bool = False,
+                 on: Sequence[Edit] = (), inner: Edit | None = None, data: Data | None = None, checkpoint: bool | str = False,
                  utility: Callable[[Model, Setting], float] | None = None, max_new_tokens: int = 32, batch_size: int = 64):
         if method not in _CLASSES:
             raise ValueError(f"method {method!r}: choose from {', '.join(METHOD_NAMES)}")
@@ -632,9 +637,15 @@ class Tuner:
         self.harm = _harm_vector(harm)
         self.harm_spec = harm
         self.on, self.inner = list(on), inner
+        checkpoint = "hf" if checkpoint is True else checkpoint
+        if checkpoint not in (False, "hf", "peft"):
+            raise ValueError(f"checkpoint={checkpoint!r}: use False, True (a Hugging Face folder) or 'peft' (a LoRA adapter)")
         if checkpoint and method in ("conditional", "icv", "safeinfer"):
             raise ValueError(f"checkpoint: {method} has no weight form (it acts per prompt or per token); "
                              "tune ablation, affine, addition or hdr for a checkpoint")
+        if checkpoint == "peft" and method not in ("ablation", "affine"):
+            raise ValueError(f"checkpoint='peft': {method} is no low-rank weight change (only the directional ablation is); "
+                             "ask for a checkpoint instead")
         if inner is not None and method != "conditional":
             raise ValueError(f"inner= is the edit a conditional gates; method {method!r} takes on= edits instead")
         self.data = data or Data.default()
@@ -658,7 +669,14 @@ class Tuner:
             try:
                 e = Ablation(d) if form == "directional" else AffineAblation.from_means(
                     d, {s: torch.zeros(self.model.n_layers, self.model.d_model) for s in ("resid_pre", "attn_out", "mlp_out")})
-                declare_new_biases(e.bake(copy_model(self.model)))
+                if self.checkpoint == "peft":
+                    from .weights.export import lora_config
+
+                    if not isinstance(e, Ablation):
+                        raise TypeError("an affine ablation's biases are no LoRA weight change")
+                    lora_config(e, self.model)
+                else:
+                    declare_new_biases(e.bake(copy_model(self.model)))
                 self._bakes[form] = None
             except Exception as err:  # noqa: BLE001 - any refusal of the bake is the answer
                 self._bakes[form] = str(err).splitlines()[0]
@@ -743,7 +761,7 @@ def grid_size(space: dict[str, list]) -> int:
 def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, harm: Any = None,
          on: Sequence[Edit] = (), inner: Edit | None = None, trials: int = 24, minutes: float | None = None,
          seed: int = 0, budgets: Budgets | None = None, data: Data | None = None, n_val: int = 32,
-         skills: Sequence[str] | None = None, n_skill: int = 32, checkpoint: bool = False,
+         skills: Sequence[str] | None = None, n_skill: int = 32, checkpoint: bool | str = False,
          utility: Callable[[Model, Setting], float] | None = None, cache: str | os.PathLike | None = None,
          max_new_tokens: int = 32, batch_size: int = 64, progress: bool = True) -> Tuning:
     """Search ``method``'s knobs on ``model`` (see the module docstring) and return a :class:`Tuning`.
@@ -832,7 +850,7 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
             "harm": t.harm.provenance if t.harm is not None else None, "on": [e.kind for e in t.on],
             "inner": t.inner.kind if t.inner is not None else None, "seed": seed, "trials": trials, "minutes": minutes,
             "sampler": "grid (exhaustive)" if exhaustive else "optuna TPE (multi-objective)", "grid_size": n_grid,
-            "checkpoint": checkpoint, "n_val": len(data.harmful), "n_skill": data.n_skill, "skills": list(data.skills),
+            "checkpoint": t.checkpoint, "n_val": len(data.harmful), "n_skill": data.n_skill, "skills": list(data.skills),
             "max_new_tokens": max_new_tokens, "fingerprint": fp, "seconds": round(time.time() - t0, 1),
             "evaluation_seconds": round(eval_seconds, 2),  # one evaluation of the unedited model on the validation prompts
             "evaluated": sum(not d.cached and not d.skipped for d in done)}

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,3 +301,17 @@ def test_pick_for_reapplies_the_rule_under_other_budgets_without_a_search():
     t = tune.Tuning("addition", ts, {"harmful_refusal": 0.0}, Budgets(utility_loss=0.02), {"x": [0, 1]})
     assert t.pick.number == 1 and t.pick_for(Budgets(utility_loss=0.05)).number == 0
     assert t.pick.number == 1  # the Tuning's own budgets are unchanged
+
+
+def test_adapter_searches_only_the_directional_ablation_and_writes_a_peft_folder(tmp_path):
+    m = st.testing.tiny_model("llama")
+    t = tune.Tuner(m, "ablation", data=data(), checkpoint="peft")
+    assert t.method.space()["form"] == ["directional"]
+    with pytest.raises(ValueError, match="affine ablation does not bake"):
+        tune.Tuner(m, "affine", data=data(), checkpoint="peft").method.space()
+    with pytest.raises(ValueError, match="addition is no low-rank weight change"):
+        tune.Tuner(m, "addition", data=data(), checkpoint="peft")
+    with pytest.raises(ValueError, match="checkpoint='lora'"):
+        tune.Tuner(m, "ablation", data=data(), checkpoint="lora")
+    files = t.method.export({"layer": 1, "position": -1, "form": "directional"}, tmp_path)
+    assert (Path(files["adapter"]) / "adapter_config.json").exists() and "checkpoint" not in files

@@ -224,6 +224,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               "pass --overwrite to write into it")
     if args.harm and args.harm_vector:
         raise ValueError("--harm and --harm-vector: give one harm vector")
+    if args.adapter and args.checkpoint:
+        raise ValueError("--adapter and --checkpoint: ask for one form of the pick")
     guard([args.out], args.model, args.reference, args.unsafe, args.harm or [], args.harm_vector, args.on or [], args.inner)
     on = [load_edit(p) for p in args.on or []]  # fail fast, before a model loads
     inner = load_edit(args.inner) if args.inner else None
@@ -232,7 +234,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     load = lambda p: st.load(resolve(p), trust_remote_code=args.trust_remote_code) if p else None
     r = tune.tune(m, args.method, reference=load(args.reference), unsafe=load(args.unsafe),
                   harm=tuple(args.harm) if args.harm else args.harm_vector, on=on, inner=inner, trials=args.trials,
-                  minutes=args.minutes, seed=args.seed, data=data, checkpoint=args.checkpoint,
+                  minutes=args.minutes, seed=args.seed, data=data, checkpoint="peft" if args.adapter else args.checkpoint,
                   budgets=tune.Budgets(args.max_over_refusal, args.max_utility_loss, args.max_kl),
                   cache=out / "trials.jsonl", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     r.save(out)

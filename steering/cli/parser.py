@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-kl", type=nonneg_float, help="budget: largest KL on harmless prompts (default: none)")
     c.add_argument("--checkpoint", action="store_true",
                    help="the pick is written as a checkpoint: only forms that bake on MODEL's family are searched")
+    c.add_argument("--adapter", action="store_true",
+                   help="the pick is written as a PEFT LoRA adapter: only the directional ablation (ablation methods)")
     c.add_argument("--tamper", action="store_true", help="after the search, ablate the edited model's own refusal direction "
                                                          "and report how much of the restored refusal survives")
     c.add_argument("--max-new-tokens", type=positive_int, default=32)
