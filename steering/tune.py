@@ -448,6 +448,20 @@ def pareto_front(trials: Sequence[Trial], remove: bool = False) -> list[Trial]:
     return [t for t in ok if not any(dominates(keys[o.number], keys[t.number]) for o in ok if o is not t)]
 
 
+def closest(trials: Sequence[Trial], budgets: Budgets, remove: bool = False, baseline: float | None = None) -> Trial | None:
+    """With no pick, the trial the rule comes closest to picking: among those that move refusal
+    (all, if none does), the least total excess over the budgets, then the rule's own order."""
+    ok = [t for t in trials if not t.skipped]
+    sign = 1 if remove else -1
+    moved = [t for t in ok if baseline is None or -sign * (t.objectives["refusal"] - baseline) > 1e-9] or ok
+    return min(moved, key=lambda t: (sum(budgets.violations(t.objectives).values()), _rank(t, sign)), default=None)
+
+
+def _rank(t: Trial, sign: int) -> tuple[float, ...]:
+    o = t.objectives
+    return (sign * round(o["refusal"], 9), round(o["utility_loss"], 9), round(o["over_refusal"], 9), o["kl"], t.number)
+
+
 def pick(trials: Sequence[Trial], budgets: Budgets, remove: bool = False,
          baseline: float | None = None) -> tuple[Trial | None, str]:
     """The pick rule (module docstring): the trial and an empty string, or None and why. With
@@ -463,17 +477,13 @@ def pick(trials: Sequence[Trial], budgets: Budgets, remove: bool = False,
                       "(search other knobs or more trials, or the method does nothing on this model)")
     ok = moved
     within = [t for t in ok if not budgets.violations(t.objectives)]
-
-    def rank(t: Trial) -> tuple[float, ...]:
-        o = t.objectives
-        return (sign * round(o["refusal"], 9), round(o["utility_loss"], 9), round(o["over_refusal"], 9), o["kl"], t.number)
-
     if within:
-        return min(within, key=rank), ""
-    closest = min(ok, key=lambda t: (sum(budgets.violations(t.objectives).values()), rank(t)))
-    v = budgets.violations(closest.objectives)
-    return None, ("no trial within the budgets; the closest, trial " + str(closest.number) + f" ({_fmt(closest.params)}: "
-                  + ", ".join(f"{k} {closest.objectives[k]:.3f}" for k in OBJECTIVES) + ") breaks "
+        return min(within, key=lambda t: _rank(t, sign)), ""
+    near = closest(ok, budgets, remove, baseline)
+    assert near is not None
+    v = budgets.violations(near.objectives)
+    return None, ("no trial within the budgets; the closest, trial " + str(near.number) + f" ({_fmt(near.params)}: "
+                  + ", ".join(f"{k} {near.objectives[k]:.3f}" for k in OBJECTIVES) + ") breaks "
                   + ", ".join(f"{k} by {x:.3f}" for k, x in v.items()) + " (relax that budget, or search more trials)")
 
 
@@ -518,11 +528,10 @@ class Tuning:
         return self._pick()[1]
 
     def pick_or_closest(self) -> Trial:
-        """The pick, or (nothing within budget) the trial the rule ranks first with no budgets (for
-        smoke runs and for reporting what the closest edit costs; not a result)."""
-        p = self._pick()[0] or self._pick(Budgets(float("inf"), float("inf"), None))[0]
-        if p is None:
-            p = pick(self.trials, Budgets(float("inf"), float("inf"), None), self.remove)[0]
+        """The pick, or (nothing within the budgets) the closest trial, the one :attr:`why` names:
+        the least excess over the budgets among the trials that move refusal (for reporting what
+        the nearest edit costs; not a pick)."""
+        p = self.pick or closest(self.trials, self.budgets, self.remove, self.baseline["harmful_refusal"])
         if p is None:
             raise ValueError(f"tune {self.method}: no trial ran")
         return p

@@ -315,3 +315,10 @@ def test_adapter_searches_only_the_directional_ablation_and_writes_a_peft_folder
         tune.Tuner(m, "ablation", data=data(), checkpoint="lora")
     files = t.method.export({"layer": 1, "position": -1, "form": "directional"}, tmp_path)
     assert (Path(files["adapter"]) / "adapter_config.json").exists() and "checkpoint" not in files
+
+
+def test_with_no_pick_the_closest_trial_is_the_one_why_names():
+    ts = [trial(0, 0.95, over=0.30, util=0.40), trial(1, 0.40, util=0.03), trial(2, 0.0)]
+    t = tune.Tuning("addition", ts, {"harmful_refusal": 0.0}, Budgets(utility_loss=0.02), {"x": [0, 1, 2]})
+    assert t.pick is None and "the closest, trial 1" in t.why
+    assert t.pick_or_closest().number == 1  # not the most refusing trial, whose costs are far past the budgets
