@@ -2,7 +2,7 @@
 
     python experiments/tune.py                      # both families: results/tune.md, tune.json, results/tune/<arch>/<method>/
     python experiments/tune.py --arch llama --trials 12
-    python experiments/tune.py --unseen qwen2:3     # the check on a model the search was not developed on
+    python experiments/tune.py --unseen qwen2:3     # the check on a model the search was not developed on (tune_unseen.json)
 
 For each family: every method is tuned (``trials`` trials, seed 0, the default budgets: over-refusal
 rise ≤ 5 points, utility loss ≤ 2 points) on validation prompts — the safety edits on ``drifted``
@@ -261,21 +261,22 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--methods", default="addition,conditional,icv,hdr,safeinfer,ablation")
     ap.add_argument("--unseen", help="ARCH:SEED, e.g. qwen2:3")
-    ap.add_argument("--render", action="store_true", help="only rewrite tune.md from tune.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite tune.md from tune.json and tune_unseen.json")
     args = ap.parse_args()
     path = OUT.parent / "tune.json"
-    old = json.loads(path.read_text()) if path.exists() else {"archs": []}
-    if args.render:
-        write_results(OUT.parent / "tune", old, render(old))
-        return
-    archs = args.arch or (["llama", "gpt2"] if not args.unseen else [])
-    res = {"archs": [a for a in old["archs"] if a["arch"] not in archs], "unseen": old.get("unseen")}
-    for arch in archs:
-        res["archs"].append(run_arch(arch, args.trials, args.methods.split(",")))
-    res["archs"].sort(key=lambda a: ["llama", "gpt2"].index(a["arch"]))
+    unseen_path = OUT.parent / "tune_unseen.json"  # its own file: the two runs can go side by side
     if args.unseen:
-        res["unseen"] = unseen(args.unseen, args.trials)
-    write_results(OUT.parent / "tune", res, render(res))
+        u = unseen(args.unseen, args.trials)
+        unseen_path.write_text(json.dumps(u, indent=2))
+    archs = [] if args.render else args.arch or (["llama", "gpt2"] if not args.unseen else [])
+    new = [run_arch(arch, args.trials, args.methods.split(",")) for arch in archs]
+    old = json.loads(path.read_text()) if path.exists() else {"archs": []}  # read last: another run may have written it
+    res = {"archs": sorted([a for a in old["archs"] if a["arch"] not in archs] + new,
+                           key=lambda a: ["llama", "gpt2"].index(a["arch"]))}
+    if unseen_path.exists():
+        res["unseen"] = json.loads(unseen_path.read_text())
+    if args.render or new or args.unseen:
+        write_results(OUT.parent / "tune", {k: v for k, v in res.items() if k != "unseen"}, render(res))
 
 
 if __name__ == "__main__":
