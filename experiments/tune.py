@@ -190,7 +190,7 @@ def render(res: dict) -> list[str]:
              "plots and every trial: results/tune/<arch>/<method>/.", ""]
     lines += ["## Summary (test prompts)", "",
               "| family | method | model | unedited refused | hand-chosen: refused / harmless refused / utility loss "
-              "| tuned pick: refused / harmless refused / utility loss | 5-point budgets: refused / utility loss "
+              "| tuned pick (or the closest trial): refused / harmless refused / utility loss | 5-point budgets: refused / utility loss "
               "| tamper: gain surviving an ablation | tuned setting |",
               "|---|---|---|---|---|---|---|---|---|"]
     for a in res["archs"]:
@@ -210,7 +210,9 @@ def render(res: dict) -> list[str]:
                             "no pick: " + r["why"].split(";")[0]) + " |")
     lines += ["", "Utility loss: points of mean exact match lost against the unedited model (negative: gained). "
               "The 5-point column: the pick rule applied to the same trials with over-refusal and utility budgets of "
-              "5 points each (`Tuning.pick_for`), the same as the pick where they agree.", ""]
+              "5 points each (`Tuning.pick_for`), the same as the pick where they agree. Tamper: the share of the "
+              "pick's refusal gain left after the edited model's own refusal direction is ablated on top of it, on the "
+              "first 128 harmful:test prompts (0%: all undone; below 0: below the unedited model).", ""]
     lines += ["## Search time", "",
               "| family | method | grid points | sampler | trials | one evaluation (s) | all trials' evaluations (s) | "
               "÷ one evaluation | after trial 6 / 12 / 24 (s) | this run (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
