@@ -213,14 +213,18 @@ show(fig, "hdr_rates.png")
 # - **The paper's setting does nothing here**: subtracting 3 × the global top 10% changes (all but a
 #   handful of entries of) `lm_head` only, and `drifted`'s refusal rate stays where it was.
 # - **The same 10% taken per tensor works**, because it keeps the largest changes of every attention and
-#   MLP matrix. At λ = 2 (the best setting on validation on the previous organisms, and what `steering main`
-#   uses) it brings back about half of the refusals here with no over-refusal (one prompt is 2 points; on
-#   the full test sets 0.4% → 38.8% harmful, 2.8% harmless refused, with `increment` accuracy 85.9% → 79.7%,
-#   `experiments/results/methods.md`). At the paper's λ = 3 it does no better, and refuses a harmless prompt.
+#   MLP matrix. At λ = 2 (the best setting on validation on the previous organisms, and `steering main`'s
+#   until the search replaced it) it brings back about half of the refusals here with no over-refusal (one
+#   prompt is 2 points; on the test sets 0.4% → 38.8% harmful, 4.3% of 300 harmless prompts refused, with
+#   `increment` accuracy 85.9% → 79.7%: the hand-chosen row of `experiments/results/tune.md`). At the
+#   paper's λ = 3 it does no better, and refuses a harmless prompt.
 # - **On the new organisms, λ = 1 without the per-tensor trim does more**: the top half brings
 #   harmful refusal to about 75% and the whole vector to over 80%, each refusing one harmless prompt of
-#   48. The setting chosen on the previous organisms is no longer the best one; a new validation sweep
-#   (`experiments/hdr.py`) would choose again.
+#   48. The setting chosen on the previous organisms is no longer the best one. The search
+#   (`steering.tune`, `steering tune drifted --method hdr`) chooses on validation prompts: within 5
+#   points of skill and over-refusal it picks λ = 0.75 with the global top 30%, which on the test sets
+#   brings refusal to 59.6% with 1.0% of harmless prompts refused and `increment` at 89.1%
+#   (`experiments/results/tune.md`).
 # - HDR does **not** work by undoing the drift: τ<sub>H</sub> and τ<sub>D</sub> are nearly orthogonal (|cos| ≤ 0.11 in every
 #   group of the table above, ≤ 0.03 in attention and MLP). Subtracting the harm vector pushes the drifted
 #   model away from complying, on top of its drift (notebook 04 measures how far the result is from

@@ -178,10 +178,11 @@ for mode, outs in samples.items():
 
 # %% [markdown]
 # **Amplification moves refusal, and guided decoding does too, alone; together they do about as much as
-# amplification.** (Full test sets, `steering main`, `experiments/results/methods.md`: 0.4% plain, 58.3%
-# amplified with 2.7% of harmless prompts refused, 60.8% with both, but 14.2% harmless refused.) With
-# both, about as many replies *start* as a refusal as with amplification alone. Amplification costs a few
-# harmless refusals, and `increment` accuracy falls from 85.9% to 21.9% on the full test set.
+# amplification.** (Test sets, at this setting: 0.4% plain, 60.8% with both, but 13.3% of 300 harmless
+# prompts refused, and `increment` accuracy falls from 85.9% to 21.9%: the hand-chosen row of
+# `experiments/results/tune.md`; the search, within 5 points of skill and over-refusal, picks amplification
+# alone at a weaker setting, 29.2% with nothing lost.) With both, about as many replies *start* as a
+# refusal as with amplification alone. Amplification costs a few harmless refusals.
 # The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
 # refusal. On the new organisms that works, at the first token, and mostly spares refusals once started;
 # both measured below:
