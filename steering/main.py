@@ -164,4 +164,5 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
                       indent=2)
     atomic_write(out / "report.json", lambda p: Path(p).write_text(blob))
     print(text)
-    return {"organisms": org.rates, "rows": rows}
+    return {"organisms": org.rates, "rows": rows, "tamper": tamper,
+            "picks": {m: {"params": picked[m].params, "within_budgets": tuned[m].pick is not None} for m in tuned}}
