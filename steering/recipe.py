@@ -404,6 +404,23 @@ class TuneSpec(_Strict):
             raise ValueError(f"{v}: must be at least 1")
         return v
 
+    @field_validator("max_over_refusal", "max_utility_loss")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{v}: a budget is a fraction in [0, 1] (0.05 = 5 points)")
+        return v
+
+    @field_validator("skills")
+    @classmethod
+    def _known_skills(cls, v: list[str] | None) -> list[str] | None:
+        from .skills import SKILLS
+
+        unknown = [s for s in v or [] if s not in SKILLS]
+        if unknown:
+            raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
+        return v
+
     def run(self, model: Any, on: list[Any], out: Path, progress: bool) -> Any:
         from . import tune
         from .model import load

@@ -322,3 +322,11 @@ def test_with_no_pick_the_closest_trial_is_the_one_why_names():
     t = tune.Tuning("addition", ts, {"harmful_refusal": 0.0}, Budgets(utility_loss=0.02), {"x": [0, 1, 2]})
     assert t.pick is None and "the closest, trial 1" in t.why
     assert t.pick_or_closest().number == 1  # not the most refusing trial, whose costs are far past the budgets
+
+
+def test_recipe_tune_budgets_and_skills_are_checked_before_any_work():
+    from steering.recipe import EvalRecipe
+
+    for bad, where in (({"max_utility_loss": 2}, "max_utility_loss"), ({"skills": ["spell"]}, "unknown skill 'spell'")):
+        with pytest.raises(ValueError, match=where):
+            EvalRecipe.model_validate({"model": "m", "out": "o", "settings": [{"name": "x", "tune": {"method": "icv", **bad}}]})

@@ -252,9 +252,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.tamper:
             t = tune.tamper_check(r)
             atomic_write(out / "tamper.json", lambda f: Path(f).write_text(json.dumps(t, indent=2)))
+            gain = (f"{100 * t['survives']:.0f}% of the gain survives" if t["survives"] == t["survives"]
+                    else "the edit raised no refusal on these prompts to test")
             print(f"tamper check: refusal {100 * t['unedited']:.0f}% unedited, {100 * t['edited']:.0f}% edited, "
                   f"{100 * t['attacked']:.0f}% after ablating the edited model's refusal direction "
-                  f"(layer {t['direction_layer']}): {100 * t['survives']:.0f}% of the gain survives")
+                  f"(layer {t['direction_layer']}): {gain}")
     return 0 if p is not None else 1
 
 
