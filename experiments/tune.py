@@ -168,6 +168,10 @@ def unseen(spec: str, trials: int) -> dict:
             rep = evaluate(st.load(D), [Setting("unedited"), Setting("tuned pick", edits=[edit])], sets=sets, n_utility=128,
                            skills=skills.SKILLS, n_skill=N_SKILL_TEST, batch_size=64, progress=False)
             row["test"] = rep.rows
+            if method == "conditional":  # where the gate opens, on test prompts and items
+                gate = {k: sets[k] for k in ("harmful", "harmless")}
+                gate.update({f"skill {k}": [it.prompt for it in skills.items(k, "test", N_SKILL_TEST)] for k in skills.SKILLS})
+                row["gate_opens"] = {k: float(edit.passes(st.load(D), ps).float().mean()) for k, ps in gate.items()}
         out["methods"][method] = row
     return out
 
@@ -258,6 +262,11 @@ def render(res: dict) -> list[str]:
                 lines += [*Report(r["test"]).table().splitlines(), "",
                           f"Refusal {100 * gain:+.1f} points, harmless {pct(tu['harmless_refusal'])}, utility loss "
                           f"{100 * loss:+.1f} points: target {'met' if ok else 'missed'}.", ""]
+                if r.get("gate_opens"):
+                    lines += ["The gate opens on " + ", ".join(f"{pct(v)} of {k}" for k, v in r["gate_opens"].items())
+                              + " (test prompts and items): fitted on harmful against harmless chat, it counts the skill "
+                              "prompts on the harmful side here, so the conditional acts as the plain addition wherever it "
+                              "matters, and the addition at this scale costs no skill.", ""]
     return lines
 
 

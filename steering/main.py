@@ -142,7 +142,8 @@ def run(out: str | Path = "runs/main", quick: bool = False, arch: str = "llama")
              f"({len(data.harmful)} per set, {data.n_skill} items per skill; the pick rule: most harmful refusal with over-refusal "
              "rise ≤ 5 points and utility loss ≤ 2 points; fronts and every trial in tune-METHOD/):",
              *(f"  - {m}: " + ", ".join(f"{k} {v}" for k, v in picked[m].params.items())
-               + ("" if tuned[m].pick is not None else " (no trial within the budgets: the closest shown)")
+               + ("" if tuned[m].pick is not None else f" (no pick: {tuned[m].why.split(';')[0].split(' (')[0]}; the closest "
+                  "trial shown)")
                + (f"; the gate's threshold {tuned[m].setting(picked[m]).edits[-1].threshold:.2f} fitted on validation prompts"
                   if m == "conditional" else "")
                + (f"; checkpoint `{out / 'drifted-hdr'}`" if m == "hdr" else "")
