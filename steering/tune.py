@@ -375,7 +375,21 @@ class _Hdr(_Method):
         else:
             path = hdr(src, self.t.harm, out / "checkpoint", scale=float(p["scale"]),
                        top_k=None if p["top_k"] >= 1.0 else float(p["top_k"]), scope=p["scope"], overwrite=True)
-        return {"checkpoint": str(path)}
+        files = {"checkpoint": str(path)}
+        harm = self.t.harm_spec
+        vector = ({"base": str(harm[0]), "finetuned": str(harm[1])} if isinstance(harm, (tuple, list))
+                  else {"file": str(harm)} if isinstance(harm, (str, os.PathLike)) else None)
+        if vector is not None and src and Path(src).is_dir():  # the weight recipe that writes the same checkpoint
+            import yaml
+
+            from .io import atomic_write
+
+            recipe = {"model": str(src), "out": str(Path(path).resolve()), "overwrite": True,
+                      "steps": [{"hdr": {"harm": vector, "scale": float(p["scale"]), "top_k": float(p["top_k"]),
+                                         "scope": p["scope"]}}]}
+            atomic_write(out / "hdr.yaml", lambda f: Path(f).write_text(yaml.safe_dump(recipe, sort_keys=False)))
+            files["recipe"] = str(out / "hdr.yaml")
+        return files
 
 
 class _SafeInfer(_Method):
@@ -602,7 +616,8 @@ class Tuning:
         """``tune.json`` (every trial: knobs, validation metrics, objectives, time; the search's
         settings), ``front.md``, ``front.png`` and, with ``files``, the pick's own files:
         ``pick.safetensors`` (the edit, for hook methods; SafeInfer's amplifier), ``checkpoint/``
-        (HDR), and ``pick.yaml``, an evaluation recipe that evaluates the pick beside the unedited
+        (HDR, and with ``checkpoint=True``), ``adapter/`` (``checkpoint="peft"``), ``hdr.yaml`` (HDR's
+        weight recipe for the same checkpoint), and ``pick.yaml``, an evaluation recipe that evaluates the pick beside the unedited
         model on the held-out test prompts (``steering run pick.yaml``)."""
         from .io import atomic_write
 

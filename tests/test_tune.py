@@ -200,6 +200,12 @@ def test_hdr_tunes_on_a_copy_and_exports_the_streamed_checkpoint(tmp_path):
     a, b = st.load(files["checkpoint"]), st.load(str(ref))
     for (n, x), (_, y) in zip(a.hf.state_dict().items(), b.hf.state_dict().items()):
         assert torch.equal(x, y), n
+    # the weight recipe written beside it writes the same checkpoint again
+    from steering.recipe import load_recipe, run
+
+    again = run(load_recipe(files["recipe"]), out=str(tmp_path / "again"), progress=False)
+    for (n, x), (_, y) in zip(st.load(str(again)).hf.state_dict().items(), b.hf.state_dict().items()):
+        assert torch.equal(x, y), n
     # the copy the trials patched matches the streamed checkpoint (float32 arithmetic, the same order)
     patched = r.tuner.method.patched(p.params)
     for n, x in patched.hf.state_dict().items():
