@@ -336,3 +336,10 @@ def test_recipe_tune_budgets_and_skills_are_checked_before_any_work():
     for bad, where in (({"max_utility_loss": 2}, "max_utility_loss"), ({"skills": ["spell"]}, "unknown skill 'spell'")):
         with pytest.raises(ValueError, match=where):
             EvalRecipe.model_validate({"model": "m", "out": "o", "settings": [{"name": "x", "tune": {"method": "icv", **bad}}]})
+
+
+def test_a_time_budget_ends_the_search(model):
+    r = tune.tune(model, "addition", trials=50, minutes=0.0, data=data(), **KW)  # the budget is spent before the first trial
+    assert r.trials == [] and r.pick is None and r.why == "no trial ran"
+    r = tune.tune(model, "addition", trials=50, minutes=0.002, data=data(), **KW)  # ~0.1 s: a trial or two, not 50
+    assert 1 <= len(r.trials) < 50
