@@ -625,6 +625,9 @@ class Tuning:
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, str] = {}
         p = self.pick
+        if files:  # a pick's files from an earlier search in this folder would no longer be this search's pick
+            for stale in ("pick.safetensors", "pick.yaml", "hdr.yaml"):
+                (out / stale).unlink(missing_ok=True)
         if files and p is not None and self.tuner is not None:
             written = self.tuner.method.export(p.params, out)
             self.meta["files"] = written
@@ -702,7 +705,7 @@ class Tuner:
                 else:
                     declare_new_biases(e.bake(copy_model(self.model)))
                 self._bakes[form] = None
-            except Exception as err:  # noqa: BLE001 - any refusal of the bake is the answer
+            except (ValueError, TypeError, NotImplementedError) as err:  # (ArchitectureError is a ValueError)
                 self._bakes[form] = str(err).splitlines()[0]
         return self._bakes[form]
 

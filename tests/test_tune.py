@@ -158,6 +158,12 @@ def test_save_writes_the_trials_the_front_and_the_pick(model, tmp_path):
     assert "No pick: no trial moves harmful refusal" in (out / "front.md").read_text() and not (out / "pick.safetensors").exists()
     r.baseline = {**r.baseline, "harmful_refusal": 2.0}  # now every trial removes some: a pick exists
     out = r.save(tmp_path / "t")
+    assert (out / "pick.safetensors").exists()
+    r.baseline = {**r.baseline, "harmful_refusal": 0.0}
+    r.save(out)  # the same folder, no pick now: the earlier pick's files go
+    assert not (out / "pick.safetensors").exists()
+    r.baseline = {**r.baseline, "harmful_refusal": 2.0}
+    out = r.save(tmp_path / "t")
     blob = json.loads((out / "tune.json").read_text())
     assert len(blob["trials"]) == len(r.trials) and blob["method"] == "ablation" and blob["pick"] == r.pick.number
     assert (out / "front.png").stat().st_size > 0 and "Pareto front" in (out / "front.md").read_text()
