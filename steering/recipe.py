@@ -368,6 +368,16 @@ class ModelSpec(_Strict):
         return r.out
 
 
+def _known_skills(v: list[str] | None) -> list[str] | None:
+    """A recipe's ``skills:`` names, each one of steering.skills.SKILLS."""
+    from .skills import SKILLS
+
+    unknown = [s for s in v or [] if s not in SKILLS]
+    if unknown:
+        raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
+    return v
+
+
 class TuneSpec(_Strict):
     """A setting whose edit the library chooses (:func:`steering.tune.tune`) on the setting's model,
     on validation prompts, before the evaluation; the setting's ``edits`` are applied under every
@@ -411,15 +421,7 @@ class TuneSpec(_Strict):
             raise ValueError(f"{v}: a budget is a fraction in [0, 1] (0.05 = 5 points)")
         return v
 
-    @field_validator("skills")
-    @classmethod
-    def _known_skills(cls, v: list[str] | None) -> list[str] | None:
-        from .skills import SKILLS
-
-        unknown = [s for s in v or [] if s not in SKILLS]
-        if unknown:
-            raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
-        return v
+    _skills = field_validator("skills")(classmethod(lambda cls, v: _known_skills(v)))  # shared with EvalRecipe
 
     def run(self, model: Any, on: list[Any], out: Path, progress: bool) -> Any:
         from . import tune
@@ -472,15 +474,7 @@ class EvalRecipe(_Strict):
     skills: list[str] | None = None  # names from steering.skills, scored by exact match
     n_skill: int | None = None  # held-out items per skill (None: 64)
 
-    @field_validator("skills")
-    @classmethod
-    def _known_skills(cls, v: list[str] | None) -> list[str] | None:
-        from .skills import SKILLS
-
-        unknown = [s for s in v or [] if s not in SKILLS]
-        if unknown:
-            raise ValueError(f"unknown skill {unknown[0]!r}; skills are {', '.join(SKILLS)}")
-        return v
+    _skills = field_validator("skills")(classmethod(lambda cls, v: _known_skills(v)))  # shared with TuneSpec
     max_new_tokens: int = 32
     batch_size: int = 64
 
