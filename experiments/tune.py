@@ -68,8 +68,10 @@ def hand_setting(method: str, t, org) -> "object":
     h = HAND[method]
     if method in ("addition", "conditional", "icv"):
         return t.method.setting({**h, "position": t.method.candidates().positions[-1]} if method != "icv" else h)
-    if method == "hdr":
-        return t.method.setting(h)
+    if method == "hdr":  # (the trials' patched copy is rewritten by the next setting asked for: keep one of its own)
+        from steering.edits.base import copy_model
+
+        return Setting("hand", model=copy_model(t.method.patched(h)))
     if method == "safeinfer":
         amp = safeinfer.amplifier(t.model, layer=h["layer"], scale=h["scale"], site=h["site"])
         return Setting("hand", amplify=amp, unsafe=t.unsafe, gamma=h["gamma"])
@@ -108,13 +110,6 @@ def run_arch(arch: str, trials: int, methods: list[str]) -> dict:
         loose = r.pick_for(tune.Budgets(over_refusal=0.05, utility_loss=0.05))
         if loose is not None and loose.number != pick.number:
             settings.append(r.setting(loose, name="tuned pick, 5-point budgets"))
-        if method == "hdr":  # the settings share HDR's patched copy: evaluate each on its own copy
-            from steering.edits.base import copy_model
-
-            settings[1] = st.evaluate.Setting("hand-chosen", model=copy_model(r.tuner.method.patched(HAND["hdr"])))
-            for i, trial in ((2, pick), (3, loose)):
-                if i < len(settings):
-                    settings[i] = st.evaluate.Setting(settings[i].name, model=copy_model(r.tuner.method.patched(trial.params)))
         rep = evaluate(models[target], settings, sets=sets, n_utility=128, skills=skills.SKILLS, n_skill=N_SKILL_TEST,
                        batch_size=64, progress=False)
         tamper = None
@@ -148,6 +143,7 @@ def unseen(spec: str, trials: int) -> dict:
     A, H, D = (str(org.path(k)) for k in ("aligned", "harmful", "drifted"))
     out: dict = {"arch": arch, "seed": int(seed), "organisms": org.rates, "methods": {}}
     sets = test_sets()
+    drifted = st.load(D)
     for method in ("conditional", "addition"):
         where = OUT / f"unseen-{arch}-seed{seed}" / method
         t0 = time.time()
@@ -165,13 +161,13 @@ def unseen(spec: str, trials: int) -> dict:
             pick = next(t for t in blob["trials"] if t["number"] == blob["pick"])
             row["pick"] = pick["params"]
             edit = st.load_edit(where / "pick.safetensors")
-            rep = evaluate(st.load(D), [Setting("unedited"), Setting("tuned pick", edits=[edit])], sets=sets, n_utility=128,
+            rep = evaluate(drifted, [Setting("unedited"), Setting("tuned pick", edits=[edit])], sets=sets, n_utility=128,
                            skills=skills.SKILLS, n_skill=N_SKILL_TEST, batch_size=64, progress=False)
             row["test"] = rep.rows
             if method == "conditional":  # where the gate opens, on test prompts and items
                 gate = {k: sets[k] for k in ("harmful", "harmless")}
                 gate.update({f"skill {k}": [it.prompt for it in skills.items(k, "test", N_SKILL_TEST)] for k in skills.SKILLS})
-                row["gate_opens"] = {k: float(edit.passes(st.load(D), ps).float().mean()) for k, ps in gate.items()}
+                row["gate_opens"] = {k: float(edit.passes(drifted, ps).float().mean()) for k, ps in gate.items()}
         out["methods"][method] = row
     return out
 

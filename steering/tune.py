@@ -201,12 +201,7 @@ class _Ablation(_Method):
     forms: tuple[str, ...] = ("directional", "affine")
 
     def candidates(self) -> Any:
-        t = self.t
-        if "cands" not in t.shared:
-            from .extract import diff_in_means
-
-            t.shared["cands"] = diff_in_means(t.model, t.data.harmful_train, t.data.harmless_train, progress=False)
-        return t.shared["cands"]
+        return self.t.candidates(self.t.model)
 
     def space(self) -> dict[str, list]:
         forms = [f for f in self.forms if not self.t.checkpoint or self.t.bakes(f) is None]
@@ -241,13 +236,7 @@ class _Addition(_Method):
     name = "addition"
 
     def candidates(self) -> Any:
-        t = self.t
-        if "ref_cands" not in t.shared:
-            from .extract import diff_in_means
-
-            src = t.reference if t.reference is not None else t.model
-            t.shared["ref_cands"] = diff_in_means(src, t.data.harmful_train, t.data.harmless_train, progress=False)
-        return t.shared["ref_cands"]
+        return self.t.candidates(self.t.reference if self.t.reference is not None else self.t.model)
 
     def space(self) -> dict[str, list]:
         c = self.candidates()
@@ -281,12 +270,7 @@ class _Conditional(_Addition):
                 "gate": list(range(1, max(2, n - 1)))}
 
     def gate_direction(self, layer: int) -> torch.Tensor:
-        t = self.t
-        if "own_cands" not in t.shared:  # the model's own harmful-vs-harmless direction: it still tells them apart
-            from .extract import diff_in_means
-
-            t.shared["own_cands"] = diff_in_means(t.model, t.data.harmful_train, t.data.harmless_train, progress=False)
-        c = t.shared["own_cands"]
+        c = self.t.candidates(self.t.model)  # the model's own harmful-vs-harmless direction: it still tells them apart
         d = c.direction(layer, c.positions[-1])
         if float(d.norm()) < 1e-8:
             raise _Skip(f"the gate's direction at layer {layer} is a zero vector")
@@ -301,11 +285,11 @@ class _Conditional(_Addition):
             if p["layer"] < p["gate"]:  # the gate must be read before the edit acts
                 raise _Skip(f"the addition at layer {p['layer']} acts before the gate at layer {p['gate']} reads")
             inner = super().edit(p)
-        key = ("gate", p["gate"])
-        if key not in self.t.shared:
-            self.t.shared[key] = self.gate_direction(p["gate"])
-        return Conditional.fit(self.t.model, inner, self.t.shared[key], p["gate"], self.t.data.fit_harmful,
-                               self.t.data.fit_harmless)
+        key = ("conditional", json.dumps(p, sort_keys=True))  # fitted once per point: setting(), export() and the
+        if key not in self.t.shared:                             # tamper check all ask for the same edit
+            self.t.shared[key] = Conditional.fit(self.t.model, inner, self.gate_direction(p["gate"]), p["gate"],
+                                                 self.t.data.fit_harmful, self.t.data.fit_harmless)
+        return self.t.shared[key]
 
     def setting(self, p: dict[str, Any]) -> Setting:
         return Setting(self.name, edits=[*self.t.on, self.edit(p)])
@@ -351,7 +335,10 @@ class _Hdr(_Method):
             t.shared["copy"] = m
             t.shared["orig"] = {n: params[n].detach().clone() for n in t.harm.names}
         m, orig = t.shared["copy"], t.shared["orig"]
-        trimmed = t.harm if p["top_k"] >= 1.0 else t.harm.top_k(p["top_k"], p["scope"])
+        key = ("trimmed", p["top_k"], p["scope"])  # (a global top-k keeps its threshold: computed once per k)
+        if key not in t.shared:
+            t.shared[key] = t.harm if p["top_k"] >= 1.0 else t.harm.top_k(p["top_k"], p["scope"])
+        trimmed = t.shared[key]
         params = dict(m.hf.named_parameters())
         with torch.no_grad():
             for n in t.harm.names:
@@ -558,6 +545,10 @@ class Tuning:
         if self.tuner is None:
             raise ValueError("this Tuning was read from a file; rebuild its setting with tune() (its trials are cached)")
         s = self.tuner.method.setting(trial.params)
+        if s.model is not None:  # HDR's trials share one patched copy, which the next trial rewrites: this setting gets its own
+            from .edits.base import copy_model
+
+            s = replace(s, model=copy_model(s.model))
         return replace(s, name=name or f"{self.method} ({_fmt(trial.params)})")
 
     def table(self, front_only: bool = True) -> str:
@@ -684,6 +675,15 @@ class Tuner:
         self._bakes: dict[str, str | None] = {}
         self._refs: list[str] | None = None
 
+    def candidates(self, model: Model) -> Any:
+        """Difference-in-means candidates of ``model`` on the train prompts (computed once per model)."""
+        key = ("candidates", id(model))
+        if key not in self.shared:
+            from .extract import diff_in_means
+
+            self.shared[key] = diff_in_means(model, self.data.harmful_train, self.data.harmless_train, progress=False)
+        return self.shared[key]
+
     def bakes(self, form: str) -> str | None:
         """None when the ablation ``form`` bakes on this model's family, else why not (checked once, on a copy)."""
         if form not in self._bakes:
@@ -709,7 +709,7 @@ class Tuner:
                 self._bakes[form] = str(err).splitlines()[0]
         return self._bakes[form]
 
-    def fingerprint(self, budget_free: dict[str, Any]) -> str:
+    def fingerprint(self, extra: dict[str, Any]) -> str:
         from ._version import __version__
 
         def edit_id(e: Edit | None) -> str:
@@ -721,7 +721,7 @@ class Tuner:
                  "harm": json.dumps(self.harm.provenance, sort_keys=True, default=str) if self.harm is not None else "",
                  "on": [edit_id(e) for e in self.on], "inner": edit_id(self.inner), "checkpoint": self.checkpoint,
                  "utility": getattr(self.utility, "__qualname__", "") if self.utility is not None else "skills",
-                 "version": __version__, **budget_free}
+                 "version": __version__, **extra}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def evaluate(self, setting: Setting) -> dict[str, float]:
@@ -838,7 +838,10 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
         key = json.dumps(params, sort_keys=True)
         if key in seen:  # TPE proposes a point again: no second evaluation, the same values
             prev = seen[key]
-            raise optuna.TrialPruned() if prev.skipped else _Repeat(prev)
+            if prev.skipped:
+                raise optuna.TrialPruned()
+            o = prev.objectives
+            return (o["refusal"], o["over_refusal"], o["utility_loss"], o["kl"])
         hit = store.get(key)
         start = time.time()
         if hit is not None:
@@ -869,7 +872,7 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
         for _ in range(4 * min(trials, n_grid)):
             if len(done) >= min(trials, n_grid) or (deadline is not None and time.time() >= deadline):
                 break
-            study.optimize(_catching(objective), n_trials=1, catch=())
+            study.optimize(objective, n_trials=1, catch=())
     finally:
         bar.close()
     meta = {"model": t.model.name, "reference": t.reference.name if t.reference is not None else None,
@@ -882,22 +885,6 @@ def tune(model: Any, method: str, *, reference: Any = None, unsafe: Any = None, 
             "evaluation_seconds": round(eval_seconds, 2),  # one evaluation of the unedited model on the validation prompts
             "evaluated": sum(not d.cached and not d.skipped for d in done)}
     return Tuning(method, done, baseline, budgets, space, meta, t)
-
-
-class _Repeat(Exception):
-    def __init__(self, trial: Trial):
-        self.trial = trial
-
-
-def _catching(objective: Callable) -> Callable:
-    """TPE may propose a point it has seen: answer with that trial's values (no new evaluation, no new row)."""
-    def wrapped(ot: Any) -> tuple[float, ...]:
-        try:
-            return objective(ot)
-        except _Repeat as r:
-            o = r.trial.objectives
-            return (o["refusal"], o["over_refusal"], o["utility_loss"], o["kl"])
-    return wrapped
 
 
 class _Cache:
