@@ -189,8 +189,9 @@ def load_recipe(path: str | os.PathLike) -> "Recipe | EvalRecipe":
 
 
 def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = None, overwrite: bool | None = None,
-        progress: bool = True) -> Path:
-    """Carry out a recipe (either kind); returns the output folder."""
+        progress: bool = True, device: str | None = None, threads: int | None = None) -> Path:
+    """Carry out a recipe (either kind); returns the output folder. ``device`` and ``threads``: where
+    and on how many cores a weight recipe's streamed arithmetic runs (see :func:`steering.weights.taskvec.apply`)."""
     from .weights.taskvec import apply
 
     from .io import check_paths
@@ -214,7 +215,8 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
     if not bakes:
         if total is None:
             raise ValueError("the recipe has no steps")
-        return apply(model, total, out, overwrite=overwrite, provenance=prov, progress=progress)
+        return apply(model, total, out, overwrite=overwrite, provenance=prov, progress=progress, device=device,
+                     threads=threads)
     return _with_bakes(model, total, bakes, out, overwrite, prov, recipe.trust_remote_code, progress)
 
 

@@ -336,13 +336,15 @@ _KILL = textwrap.dedent("""
     import os, sys
     import steering.weights as w
     n = int(sys.argv[1]); seen = [0]
-    real = w.ShardWriter.write
-    def write(self, name, tensor):
-        seen[0] += 1
-        if seen[0] > n:
-            os._exit(9)  # as kill -9: no clean-up runs
-        return real(self, name, tensor)
-    w.ShardWriter.write = write
+    def killing(real):
+        def write(self, *args):
+            seen[0] += 1
+            if seen[0] > n:
+                os._exit(9)  # as kill -9: no clean-up runs
+            return real(self, *args)
+        return write
+    w.ShardWriter.write = killing(w.ShardWriter.write)  # whole tensors
+    w.ShardWriter.write_piece = killing(w.ShardWriter.write_piece)  # streamed pieces
     from steering.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
@@ -368,10 +370,10 @@ def test_killed_hdr_leaves_the_old_output_or_none(tmp_path, inputs, after):
 def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, inputs, capsys, monkeypatch):
     import steering.weights as w
 
-    def interrupt(self, name, tensor):
+    def interrupt(self, piece):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(w.ShardWriter, "write", interrupt)
+    monkeypatch.setattr(w.ShardWriter, "write_piece", interrupt)  # what a streamed edit writes with
     out = tmp_path / "hdr"
     got = main(["hdr", str(inputs / "finetuned"), "--harm-vector", str(inputs / "tau.safetensors"), "--out", str(out)])
     assert got == 130
@@ -383,16 +385,16 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, inputs, capsys, monkeyp
 def test_the_writer_reports_the_first_error(tmp_path, inputs, capsys, monkeypatch):
     import steering.weights as w
 
-    real = w.ShardWriter.write
+    real = w.ShardWriter.write_piece
     count = [0]
 
-    def fail_third(self, name, tensor):
+    def fail_third(self, piece):
         count[0] += 1
         if count[0] == 3:
             raise OSError(28, "No space left on device")
-        return real(self, name, tensor)
+        return real(self, piece)
 
-    monkeypatch.setattr(w.ShardWriter, "write", fail_third)
+    monkeypatch.setattr(w.ShardWriter, "write_piece", fail_third)  # what a streamed edit writes with
     last = _fails(capsys, ["hdr", inputs / "finetuned", "--harm-vector", inputs / "tau.safetensors",
                            "--out", tmp_path / "hdr"], "No space left")
     assert "not written" not in last and os.listdir(tmp_path) == []

@@ -104,7 +104,7 @@ def test_arithmetic_and_save_load_round_trip(pair, tmp_path):
 @pytest.mark.parametrize("piece", [None, 7])
 def test_global_top_k_selects_what_a_full_sort_selects(tmp_path, frac, tied, piece, monkeypatch):
     if piece:  # tensors processed in pieces (as big ones are), ties spanning pieces included
-        monkeypatch.setattr("steering.weights.taskvec._PIECE", piece)
+        monkeypatch.setattr("steering.weights.files.PIECE", piece)
     base = save_sharded(tensors(0, ties_=tied), tmp_path / "base", 3)
     ft = save_sharded(tensors(1, ties_=tied), tmp_path / "ft", 3)
     tau = TaskVector.between(base, ft)

@@ -131,7 +131,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
         return 0
     out, streamed = bake(edit, args.model, args.out, provenance={"edits": ",".join(args.edit)}, overwrite=args.overwrite,
                          stream=not args.in_memory, trust_remote_code=args.trust_remote_code, progress=True,
-                         sources=args.edit, log=lambda line: print(line, file=sys.stderr))
+                         sources=args.edit, log=lambda line: print(line, file=sys.stderr), device=args.device,
+                         threads=args.threads)
     print(f"baked{' (streamed)' if streamed else ''} -> {out}")
     return 0
 
@@ -201,7 +202,7 @@ def cmd_hdr(args: argparse.Namespace) -> int:
     guard([args.out], args.target, args.harm_vector)
     harm = TaskVector.load(args.harm_vector)
     out = hdr(resolve(args.target), harm, args.out, scale=args.scale, top_k=args.top_k, scope=args.scope,
-              overwrite=args.overwrite, progress=True)
+              overwrite=args.overwrite, progress=True, device=args.device, threads=args.threads)
     print(f"HDR (scale {args.scale:g}, top {args.top_k:g}{'' if args.scope == 'global' else ' per tensor'}) -> {out}")
     return 0
 
@@ -263,7 +264,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from steering.recipe import run
 
-    out = run(args.recipe, out=args.out, overwrite=args.overwrite or None)
+    out = run(args.recipe, out=args.out, overwrite=args.overwrite or None, device=args.device, threads=args.threads)
     print(f"recipe {args.recipe} -> {out}")
     return 0
 

@@ -12,6 +12,14 @@ from .args import (add_safeinfer_args, end_progress_bars, finite_float, fraction
                    skill_list)
 
 
+
+def weight_args(c: argparse.ArgumentParser) -> None:
+    """--device and --threads of the streamed weight edits."""
+    c.add_argument("--device", help="where the weight arithmetic runs: cpu (default) or cuda; the same bytes out "
+                                    "for task arithmetic and HDR (orthogonalisation may differ in the last bit)")
+    c.add_argument("--threads", type=positive_int,
+                   help="cores to use (default: torch's threads); one is left to the reads, hashing and writes")
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steering", description="Steer causal LMs towards safety without training them.")
     p.add_argument("--version", action="version", version=f"steering {__import__('steering._version').__version__}")
@@ -72,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-memory", action="store_true",
                    help="load the model to bake an ablation (by default a local folder is streamed tensor by tensor)")
     c.add_argument("--overwrite", action="store_true")
+    weight_args(c)
     c.set_defaults(func=cmd.cmd_bake)
 
     c = model_cmd("generate", "Greedy generation, optionally under edits.")
@@ -132,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k over the whole model (the paper) or per tensor")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--overwrite", action="store_true")
+    weight_args(c)
     c.set_defaults(func=cmd.cmd_hdr)
 
     c = model_cmd("tune", "Search an edit's settings on MODEL's validation prompts: every trial, the Pareto front, a pick within "
@@ -170,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", help="a YAML recipe (see steering.recipe)")
     c.add_argument("--out", help="output folder (default: the recipe's out)")
     c.add_argument("--overwrite", action="store_true")
+    weight_args(c)
     c.set_defaults(func=cmd.cmd_run)
 
     c = sub.add_parser("main", help="The main job, end to end (see README).")

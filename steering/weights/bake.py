@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..io import atomic_folder
 from ..model import Model
-from .files import Checkpoint, check_output, model_card, provenance_json, strip_remote_code, write_checkpoint
+from .files import Checkpoint, check_output, model_card, numel, provenance_json, strip_remote_code, write_checkpoint
 
 __all__ = ["write_hf", "read_provenance", "declare_new_biases", "check_output", "write_checkpoint"]
 
@@ -179,7 +179,8 @@ def _in_pieces(t: torch.Tensor, dim: int, fn: Any) -> torch.Tensor:
 
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                          provenance: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
-                         progress: bool = False, sources: Iterable[str | os.PathLike] = ()) -> Path:
+                         progress: bool = False, sources: Iterable[str | os.PathLike] = (),
+                         device: torch.device | str | None = None, threads: int | None = None) -> Path:
     """Orthogonalise the checkpoint folder ``source`` against ``edit`` (an :class:`~steering.edits.Ablation`)
     one tensor at a time, without loading the model: what ``edit.bake(model)`` followed by
     :func:`write_hf` gives, at the memory of one tensor.
@@ -187,7 +188,12 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     The tensors to edit are found on a model built from the config on the meta device (no
     weights), through the same architecture map the in-memory bake uses. A tied unembedding is
     untied: the original embedding is written as the head and the config says so. Refuses, naming
-    the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead)."""
+    the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead).
+    Tensors it does not edit are copied piece by piece, rows of an embedding are projected piece by
+    piece, and the reads, hashing and writes run beside the arithmetic (``threads``: see
+    :func:`steering.weights.write_checkpoint`). ``device="cuda"`` projects on a GPU (its matrix
+    products may round differently from the CPU's in the last bit)."""
+    from .taskvec import _device
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..arch import ArchitectureError
@@ -235,27 +241,33 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
             cfg.tie_word_embeddings = False
             if hasattr(cfg, "get_text_config"):
                 cfg.get_text_config().tie_word_embeddings = False
-    q = edit.basis.detach().cpu()
+    dev = _device(device)
+    q = edit.basis.detach().to(dev)
 
-    def tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
         how, layout = plan.get(name, ("", ""))
-        if how == "rows":
-            return _in_pieces(t, 0, lambda w: project_rows(w.reshape(-1, w.shape[-1]), q).reshape(w.shape))
+        if how == "rows":  # rows are independent: read in the pieces _in_pieces would cut (the same bytes out)
+            shape = f.shape(name)
+            width = shape[-1] if shape else 1
+            rows = max(1, numel(shape) // max(1, width))
+            step = max(1, _CHUNK * rows // max(1, numel(shape)))
+            return (project_rows(w.to(dev).reshape(-1, width), q).reshape(-1) for w in f.pieces(name, size=step * width))
         if how == "out":  # every layout acts independently along one axis: columns of [d, in], rows of [in, d]
             dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
-            return _in_pieces(t, dim, lambda w: project_out(w, q, layout))
-        return t
+            return iter([_in_pieces(f.get(name).to(dev), dim, lambda w: project_out(w, q, layout)).reshape(-1)])
+        return None  # copied as stored
 
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),
-            "base_sha256": ck.fingerprint(), **dict(edit.meta), **(provenance or {})}
-    return write_checkpoint(ck, out, tensor, prov, overwrite=overwrite, extra=extra, sources=sources,
+            "base_sha256": ck.fingerprint(lazy=True), **dict(edit.meta), **(provenance or {})}
+    return write_checkpoint(ck, out, None, prov, overwrite=overwrite, extra=extra, sources=sources,
                             side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress,
-                            keep_remote_code=trust_remote_code)
+                            keep_remote_code=trust_remote_code, pieces=tensor, threads=threads)
 
 
 def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[str, Any], overwrite: bool = False,
          stream: bool = True, trust_remote_code: bool = False, progress: bool = False,
-         sources: Iterable[str | os.PathLike] = (), log: Any = None) -> tuple[Path, bool]:
+         sources: Iterable[str | os.PathLike] = (), log: Any = None, device: str | None = None,
+         threads: int | None = None) -> tuple[Path, bool]:
     """``edit`` baked into ``model`` (a local folder, a hub or ``organism:`` name, or a loaded
     model) and written as the Hugging Face folder ``out``: what ``steering bake`` does.
 
@@ -264,7 +276,8 @@ def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[s
     False; where that cannot be done (:class:`NotStreamable`, said through ``log``, a callable
     taking one line) and for every other edit, the model is loaded, baked and written
     (:func:`write_hf`). ``sources`` are further inputs (the edit files) the output must not
-    overwrite. Returns the folder and whether it was streamed."""
+    overwrite. ``device``: where the arithmetic runs (a named model is loaded there); ``threads``:
+    cores a streamed bake uses. Returns the folder and whether it was streamed."""
     from ..edits import Ablation
     from ..model import as_model, load
 
@@ -272,12 +285,17 @@ def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[s
     if stream and is_folder and isinstance(edit, Ablation):
         try:
             return bake_ablation_stream(edit, model, out, overwrite=overwrite, progress=progress, provenance=provenance,
+                                        device=device, threads=threads,
                                         trust_remote_code=trust_remote_code, sources=sources), True
         except NotStreamable as e:
             if log is not None:
                 log(f"cannot stream ({e}); loading the model")
     named = isinstance(model, (str, os.PathLike))
-    baked = edit.bake(load(model, trust_remote_code=trust_remote_code) if named else as_model(model))
+    if device is not None:
+        from .taskvec import _device
+
+        _device(device)  # one that is not there is an error before anything loads
+    baked = edit.bake(load(model, trust_remote_code=trust_remote_code, device=device) if named else as_model(model))
     srcs = [model, *sources] if named else list(sources)
     return write_hf(baked, out, {"method": "bake", **provenance}, overwrite=overwrite, sources=srcs,
                     keep_remote_code=trust_remote_code, progress=progress), False

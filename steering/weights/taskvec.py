@@ -28,11 +28,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .files import Checkpoint, ShardWriter, numel, provenance_json, release_memory
+from . import files
+from .files import (Checkpoint, ShardWriter, numel, provenance_json, release_memory, resolve_fingerprints,
+                    resolve_provenance)
 
 FORMAT = "steering.task_vector"
 
@@ -42,12 +44,16 @@ class TaskVector:
 
     names: tuple[str, ...]
     shapes: dict[str, tuple[int, ...]]
-    provenance: dict[str, Any]
 
     def _setup(self, names: Iterable[str], shapes: Mapping[str, tuple[int, ...]], provenance: Mapping[str, Any]) -> None:
         self.names = tuple(sorted(names))
         self.shapes = {n: tuple(shapes[n]) for n in self.names}
-        self.provenance = dict(provenance)
+        self._provenance = dict(provenance)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the vector was made from (inputs' SHA-256 fingerprints included)."""
+        return resolve_provenance(self._provenance)
 
     def _get(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -57,6 +63,24 @@ class TaskVector:
         if name not in self.shapes:
             raise KeyError(f"task vector has no tensor {name!r}")
         return self._get(name)
+
+    def pieces(self, name: str, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+        """The delta of ``name``, flattened, as consecutive float32 pieces of
+        :data:`~steering.weights.files.PIECE` entries (on ``device``): what :meth:`get` gives, without
+        ever holding the tensor whole. A piece may be changed in place; it is valid until the next."""
+        if name not in self.shapes:
+            raise KeyError(f"task vector has no tensor {name!r}")
+        return self._pieces(name, _device(device))
+
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        flat = self._get(name).reshape(-1).to(device)  # the default: computed whole, handed out in pieces
+        for i in range(0, flat.numel(), files.PIECE):
+            yield flat[i:i + files.PIECE]
+
+    def read_order(self) -> list[str]:
+        """The names in the order the inputs' bytes lie on disk (passes over the vector go this way,
+        so the reads are sequential and the fingerprints are hashed from them)."""
+        return list(self.names)
 
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
@@ -69,7 +93,7 @@ class TaskVector:
         return sum(numel(s) for s in self.shapes.values())
 
     def __repr__(self) -> str:
-        return f"TaskVector({self.provenance.get('method', '?')}, {len(self.names)} tensors, {self.numel} values)"
+        return f"TaskVector({self._provenance.get('method', '?')}, {len(self.names)} tensors, {self.numel} values)"
 
     # --- construction -------------------------------------------------------------------
     @staticmethod
@@ -158,10 +182,10 @@ class TaskVector:
         return _Dare(self, p, seed)
 
     def norm(self) -> float:
-        return math.sqrt(sum(float(self.get(n).double().pow(2).sum()) for n in self.names))
+        return math.sqrt(sum(float(p.double().pow(2).sum()) for n in self.read_order() for p in self.pieces(n)))
 
     def nonzero(self) -> int:
-        return sum(int(torch.count_nonzero(self.get(n))) for n in self.names)
+        return sum(int(torch.count_nonzero(p)) for n in self.read_order() for p in self.pieces(n))
 
     # --- output -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, overwrite: bool = False) -> Path:
@@ -172,21 +196,23 @@ class TaskVector:
 
         path = Path(path)
         check_output(path, self.sources(), overwrite)
-        meta = {"format": FORMAT, "steering": provenance_json(self.provenance)}
+        meta = {"format": FORMAT, "steering": provenance_json(self._provenance)}
 
         def write(tmp: str) -> None:
             w = ShardWriter(tmp, [(n, dtype, self.shapes[n]) for n in self.names], meta)
             try:
                 for n in self.names:
-                    t = self.get(n)
-                    if not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"{n}: the task vector holds NaN or infinite values")
-                    w.write(n, t.to(dtype))
-                    release_memory()
+                    w.begin(n)
+                    for t in self.pieces(n):
+                        if not bool(torch.isfinite(t).all()):
+                            raise ValueError(f"{n}: the task vector holds NaN or infinite values")
+                        w.write_piece(t.to(dtype))
+                    w.end()
             except BaseException:
                 w.abort()  # report the first error, not "tensors were not written"
                 raise
             w.close()
+            w.patch_header(resolve_fingerprints)
         atomic_write(path, write)
         return path
 
@@ -226,11 +252,22 @@ class _Diff(TaskVector):
         self.base, self.ft = base, ft
         self._setup(names, {n: base.shape(n) for n in names},
                     {"method": "task_vector", "base": str(base.path), "finetuned": str(ft.path),
-                     "base_sha256": base.fingerprint(), "finetuned_sha256": ft.fingerprint()})
+                     "base_sha256": base.fingerprint(lazy=True), "finetuned_sha256": ft.fingerprint(lazy=True)})
 
     def _get(self, name: str) -> torch.Tensor:
         d = self.ft.get(name).float()  # in place from here: one float32 tensor, not three
         return d.sub_(self.base.get(name))
+
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        size = min(files.PIECE, numel(self.shapes[name]))
+        buf, other = torch.empty(size, device=device), torch.empty(size, device=device)
+        for a, b in zip(self.ft.file(name).pieces(name), self.base.file(name).pieces(name)):
+            d, s = buf[:a.numel()], other[:a.numel()]
+            d.copy_(a)  # ft − base in float32: what _get computes (converting first is 3× faster than a mixed sub_)
+            yield d.sub_(s.copy_(b))
+
+    def read_order(self) -> list[str]:
+        return _disk_order(self.base, self.names)
 
     def sources(self) -> list[Path]:
         return [self.base.path, self.ft.path]
@@ -252,6 +289,15 @@ class _File(TaskVector):
     def _get(self, name: str) -> torch.Tensor:
         return self.ck.get(name).float()
 
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        buf = torch.empty(min(files.PIECE, numel(self.shapes[name])), device=device)
+        for a in self.ck.file(name).pieces(name):
+            d = buf[:a.numel()]
+            yield d.copy_(a)
+
+    def read_order(self) -> list[str]:
+        return _disk_order(self.ck, self.names)
+
     def sources(self) -> list[Path]:
         return [self.ck.path]
 
@@ -270,8 +316,8 @@ class _Sum(TaskVector):
         for _, v in flat:
             shapes.update(v.shapes)
         self._setup(shapes, shapes,
-                    {"method": "sum", "terms": [[c, v.provenance] for c, v in flat]} if len(flat) > 1 or flat[0][0] != 1.0
-                    else first.provenance)
+                    {"method": "sum", "terms": [[c, v._provenance] for c, v in flat]} if len(flat) > 1 or flat[0][0] != 1.0
+                    else first._provenance)
 
     def _get(self, name: str) -> torch.Tensor:
         out = None
@@ -284,6 +330,20 @@ class _Sum(TaskVector):
             out = t if out is None else out.add_(t)
         return out
 
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        terms = [(c, v.pieces(name, device)) for c, v in self.terms if name in v]
+        for parts in zip(*(it for _, it in terms)):  # the same operations, in the same order, as _get
+            out = None
+            for (c, _), t in zip(terms, parts):
+                if c != 1.0:
+                    t.mul_(c)
+                out = t if out is None else out.add_(t)
+            yield out
+
+    def read_order(self) -> list[str]:
+        order = list(dict.fromkeys(n for _, v in self.terms for n in v.read_order()))
+        return order
+
     def sources(self) -> list[Path]:
         return [s for _, v in self.terms for s in v.sources()]
 
@@ -291,7 +351,7 @@ class _Sum(TaskVector):
 class _Dare(TaskVector):
     def __init__(self, inner: TaskVector, p: float, seed: int):
         self.inner, self.p, self.seed = inner, p, seed
-        self._setup(inner.names, inner.shapes, {"method": "dare", "p": p, "seed": seed, "of": inner.provenance})
+        self._setup(inner.names, inner.shapes, {"method": "dare", "p": p, "seed": seed, "of": inner._provenance})
 
     def _get(self, name: str) -> torch.Tensor:
         t = self.inner.get(name)
@@ -305,75 +365,121 @@ class _Dare(TaskVector):
         return self.inner.sources()
 
 
-# --- exact top-k, one tensor at a time ----------------------------------------------------
-_PIECE = 2**23  # entries per piece of the top-k passes: their temporaries stay near 32 MB each
+# --- exact top-k, one piece at a time ----------------------------------------------------
+_SIGN_OFF = 0x7FFFFFFF
+_SPARSE_TIES = 4096  # distinct low-bit values per tensor kept from pass 2 (at most 48 KB a tensor)
+_NOT_FINITE_BIN = 0x7F80  # bins (top 15 bits of |x|) of ±inf and NaN
 
 
-def _bits(t: torch.Tensor, name: str) -> torch.Tensor:
-    """|t| as int32 bit patterns (monotone in |t| for non-negative floats)."""
-    a = t.reshape(-1).float().abs()
-    if torch.isnan(a).any():
-        raise ValueError(f"{name}: the task vector has NaN entries")
-    return a.view(torch.int32)
+def _bits(t: torch.Tensor, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|t| as int32 bit patterns (monotone in |t| for non-negative floats): the sign bit cleared,
+    into ``out`` (or in place when ``out is t``)."""
+    flat = t.reshape(-1).float().view(torch.int32)
+    if out is t:
+        return flat.bitwise_and_(_SIGN_OFF)
+    return torch.bitwise_and(flat, _SIGN_OFF, out=None if out is None else out.view(torch.int32)[:flat.numel()])
 
 
-def _pieces(t: torch.Tensor, name: str) -> Iterable[torch.Tensor]:
-    """``_bits`` of ``t`` in consecutive pieces of the flattened tensor."""
+def _check_finite(counts: torch.Tensor, name: str) -> None:
+    if bool(counts[_NOT_FINITE_BIN:].any()):
+        raise ValueError(f"{name}: the task vector has NaN or infinite entries")
+
+
+def _flat_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
     flat = t.reshape(-1)
-    for i in range(0, flat.numel(), _PIECE):
-        yield _bits(flat[i:i + _PIECE], name)
+    for i in range(0, flat.numel(), files.PIECE):
+        yield flat[i:i + files.PIECE]
 
 
 class Threshold:
     """The exact k-th largest magnitude of a set of tensors, and how many of its ties to keep.
 
-    ``value_bits``: the threshold as float32 bits; ``above``: entries strictly above it;
-    ``ties_before[name]``: ties at the threshold in tensors before ``name`` (in name order), so
-    a tensor knows how many of its own ties to keep without a look at the others."""
+    ``pieces(name)`` gives a tensor's float32 pieces in order (which the passes may overwrite);
+    ``names`` are visited in the order given (the order the bytes lie on disk), ties are broken
+    in sorted-name order. ``value_bits``: the threshold as float32 bits; ``above``: entries
+    strictly above it; ``ties_before[name]``: ties at the threshold in tensors before ``name``
+    (in name order), so a tensor knows how many of its own ties to keep without a look at the others.
 
-    def __init__(self, get: Callable[[str], torch.Tensor], names: Sequence[str], k: int):
+    Passes: a histogram of the top 15 bits of |τ| (radix select, exact), one of the low 16 bits
+    inside the bin that holds the k-th value, and, only when some ties at the threshold must be
+    dropped, a count of each tensor's ties. Each works on a piece in place with integer
+    operations on the bit patterns (no float temporaries); NaN and ±inf are caught from the histogram."""
+
+    def __init__(self, pieces: Callable[[str], Iterable[torch.Tensor]], names: Sequence[str], k: int):
         self.k = k
         if k == 0:
             self.value_bits, self.above, self.ties_before, self.keep_ties = 2**31 - 1, 0, {n: 0 for n in names}, 0
             return
         hi = torch.zeros(2**15, dtype=torch.int64)
         for n in names:  # pass 1: histogram of the top 15 value bits
-            for bits in _pieces(get(n), n):
-                hi += torch.bincount(bits >> 16, minlength=2**15)
+            for t in pieces(n):
+                c = torch.bincount(_bits(t, n, out=t).bitwise_right_shift_(16), minlength=2**15)
+                _check_finite(c, n)
+                hi += c
             release_memory()
         above_hi = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0])  # count with hi-bin ≥ b
         b = int((above_hi >= k).nonzero().max())
         n_above_bin = int(above_hi[b] - hi[b])
         lo = torch.zeros(2**16, dtype=torch.int64)
+        sparse: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # a tensor's own low-bit counts in bin b
         for n in names:  # pass 2: histogram of the low 16 bits inside bin b
-            for bits in _pieces(get(n), n):
-                lo += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=2**16)
+            mine = torch.zeros(2**16, dtype=torch.int64)
+            for t in pieces(n):
+                bits = _bits(t, n, out=t)
+                inside = bits[bits.bitwise_right_shift(16) == b]
+                mine += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=2**16)
+            lo += mine
+            at = mine.nonzero().squeeze(1)  # kept when small (few distinct values, as differences of
+            sparse[n] = (at, mine[at]) if len(at) <= _SPARSE_TIES else None  # 16-bit weights have): pass 3 is then not needed
+            del mine
             release_memory()
         above_lo = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0]) + n_above_bin
         low = int((above_lo >= k).nonzero().max())
         self.value_bits = (b << 16) | low
         self.above = int(above_lo[low] - lo[low])
         self.keep_ties = k - self.above
+        ties: dict[str, int] = {}
+        for n, sp in sparse.items():
+            if sp is not None:
+                hit = (sp[0] == low).nonzero()
+                ties[n] = int(sp[1][hit[0, 0]]) if len(hit) else 0
+        # pass 3, only when some ties at the threshold must be dropped and a tensor's ties were not
+        # kept from pass 2: count them.
+        if self.keep_ties < int(lo[low]):
+            for n in names:
+                if n not in ties:
+                    ties[n] = sum(int(torch.count_nonzero(_bits(t, n, out=t) == self.value_bits)) for t in pieces(n))
+                    release_memory()
+        ties = {n: ties.get(n, 0) for n in names}
         self.ties_before, run = {}, 0
-        # pass 3, only when some ties at the threshold must be dropped: count each tensor's ties.
-        # (Keeping per-tensor histograms from pass 2 instead fragments the heap: RSS grew by a
-        # tensor per tensor in a test.)
-        for n in names:
+        for n in sorted(names):
             self.ties_before[n] = run
-            if self.keep_ties < int(lo[low]):
-                run += sum(int((bits == self.value_bits).sum()) for bits in _pieces(get(n), n))
-                release_memory()
+            run += ties[n]
+        self._scratch: torch.Tensor | None = None
+
+    def keep(self, name: str, t: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:
+        """The entries of a piece of ``name`` to keep, given the ties at the threshold its earlier
+        pieces held (``seen``); returns the mask and the ties in this piece."""
+        scratch = getattr(self, "_scratch", None)
+        if scratch is None or scratch.numel() < t.numel() or scratch.device != t.device:
+            scratch = self._scratch = torch.empty(t.numel(), dtype=torch.int32, device=t.device)
+        bits = _bits(t, name, out=scratch)
+        keep = bits > self.value_bits
+        if not self.k:
+            return keep, 0
+        tie_idx = (bits == self.value_bits).nonzero().squeeze(1)
+        allowed = max(0, min(len(tie_idx), self.keep_ties - self.ties_before[name] - seen))
+        if allowed:
+            keep[tie_idx[:allowed]] = True
+        return keep, len(tie_idx)
 
     def mask(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        keep = torch.empty(t.numel(), dtype=torch.bool)  # filled piece by piece: no concatenated copy
-        ties = []
-        for i, bits in enumerate(_pieces(t, name)):
-            torch.gt(bits, self.value_bits, out=keep[i * _PIECE:i * _PIECE + bits.numel()])
-            if self.k:
-                ties.append((bits == self.value_bits).nonzero().squeeze(1) + i * _PIECE)
-        if ties:
-            tie_idx = torch.cat(ties)
-            keep[tie_idx[:max(0, min(len(tie_idx), self.keep_ties - self.ties_before[name]))]] = True
+        keep = torch.empty(t.numel(), dtype=torch.bool, device=t.device)  # filled piece by piece
+        seen, at = 0, 0
+        for piece in _flat_pieces(t):
+            m, n_ties = self.keep(name, piece, seen)
+            keep[at:at + piece.numel()] = m
+            seen, at = seen + n_ties, at + piece.numel()
         return keep.reshape(t.shape)
 
 
@@ -382,15 +488,15 @@ class _TopK(TaskVector):
         self.inner, self.fraction, self.scope = inner, fraction, scope
         self._threshold: Threshold | None = None
         self._setup(inner.names, inner.shapes,
-                    {"method": "top_k", "fraction": fraction, "scope": scope, "of": inner.provenance})
+                    {"method": "top_k", "fraction": fraction, "scope": scope, "of": inner._provenance})
 
     def k_of(self, n: int) -> int:
         return min(n, math.ceil(self.fraction * n - 1e-9))
 
-    def threshold(self) -> Threshold:
-        """The global threshold (two passes over the vector, computed once)."""
+    def threshold(self, device: torch.device | str | None = None) -> Threshold:
+        """The global threshold (two passes over the vector, in disk order; computed once)."""
         if self._threshold is None:
-            self._threshold = Threshold(self.inner.get, self.names, self.k_of(self.numel))
+            self._threshold = Threshold(lambda n: self.inner.pieces(n, device), self.read_order(), self.k_of(self.numel))
         return self._threshold
 
     def _get(self, name: str) -> torch.Tensor:
@@ -398,8 +504,21 @@ class _TopK(TaskVector):
         if self.scope == "global":
             th = self.threshold()
         else:
-            th = Threshold(lambda _: t, [name], self.k_of(t.numel()))
+            th = Threshold(lambda _: (p.clone() for p in _flat_pieces(t)), [name], self.k_of(t.numel()))  # the passes overwrite pieces
         return t.masked_fill_(th.mask(name, t).logical_not_(), 0.0)
+
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        if self.scope != "global":  # the threshold of each tensor needs the whole tensor
+            yield from super()._pieces(name, device)
+            return
+        th, seen = self.threshold(device), 0
+        for t in self.inner.pieces(name, device):
+            keep, n_ties = th.keep(name, t, seen)
+            seen += n_ties
+            yield t.masked_fill_(keep.logical_not_(), 0.0)
+
+    def read_order(self) -> list[str]:
+        return self.inner.read_order()
 
     def sources(self) -> list[Path]:
         return self.inner.sources()
@@ -414,7 +533,7 @@ class _Ties(TaskVector):
                 raise ValueError(f"{sorted(set(v.names) ^ set(vectors[0].names))[0]}: TIES needs task vectors over the same tensors")
         self._majority: float | None = None
         self._setup(vectors[0].names, vectors[0].shapes,
-                    {"method": "ties", "top_k": k, "of": [v.provenance for v in vectors]})
+                    {"method": "ties", "top_k": k, "of": [v._provenance for v in vectors]})
 
     def majority(self) -> float:
         """The sign given to entries whose summed sign is zero: the sign of the sum of all
@@ -447,9 +566,14 @@ def ties(vectors: Sequence[TaskVector], top_k: float = 0.2) -> TaskVector:
 # --- applying to checkpoints ------------------------------------------------------------
 def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str | os.PathLike, *,
           scale: float = 1.0, overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
-          progress: bool = False) -> Path:
-    """θ_out = θ_target + scale·τ, streamed tensor by tensor into the folder ``out`` (arithmetic in
-    float32, every tensor stored in its own dtype; tensors τ does not hold are copied)."""
+          progress: bool = False, device: torch.device | str | None = None, threads: int | None = None) -> Path:
+    """θ_out = θ_target + scale·τ, streamed piece by piece into the folder ``out`` (arithmetic in
+    float32, every tensor stored in its own dtype; tensors τ does not hold are copied).
+
+    The arithmetic runs on ``device`` (default the CPU; ``"cuda"`` when there is a GPU: the same
+    bytes out, since every step is one IEEE float32 operation per entry), in pieces of
+    :data:`~steering.weights.files.PIECE` entries, on ``threads`` cores (default: torch's threads),
+    while the next pieces are read and the inputs hashed for the provenance in the background."""
     from .files import write_checkpoint
 
     tgt = target if isinstance(target, Checkpoint) else Checkpoint(target)
@@ -462,26 +586,65 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
             raise ValueError(f"{n}: is {tgt.dtype(n)} in the target {tgt.path}, not floating")
     if not math.isfinite(scale):
         raise ValueError(f"apply: scale must be a finite number, not {scale}")
+    dev = _device(device)
     v = vector if scale == 1.0 else scale * vector
 
-    def edit(name: str, t: torch.Tensor) -> torch.Tensor:
-        return v.get(name).add_(t).to(t.dtype) if name in v else t  # = t.float() + v, without a third float32 copy
+    def edit(name: str, f: Any) -> Iterator[torch.Tensor] | None:
+        if name not in v:
+            return None
+        return _added(v.pieces(name, dev), f.pieces(name), f.dtype(name), dev)
 
-    prov = {"method": "task_arithmetic", "target": str(tgt.path), "target_sha256": tgt.fingerprint(),
-            "scale": scale, "vector": vector.provenance, **(provenance or {})}
-    return write_checkpoint(tgt, out, edit, prov, overwrite=overwrite, sources=vector.sources(), progress=progress)
+    prov = {"method": "task_arithmetic", "target": str(tgt.path), "target_sha256": tgt.fingerprint(lazy=True),
+            "scale": scale, "vector": vector._provenance, **(provenance or {})}
+    return write_checkpoint(tgt, out, None, prov, overwrite=overwrite, sources=vector.sources(), progress=progress,
+                            pieces=edit, threads=threads)
+
+
+def _added(delta: Iterator[torch.Tensor], target: Iterator[torch.Tensor], dtype: torch.dtype,
+           device: torch.device) -> Iterator[torch.Tensor]:
+    """(δ + t) stored as ``dtype``, piece by piece: δ (float32) + t, rounded once, as ``t.float() + δ`` would be."""
+    outs: list[torch.Tensor] = []
+    scratch = None
+    for i, (d, t) in enumerate(zip(delta, target)):
+        if not outs:  # two, alternated: the writer may still be writing the last piece
+            outs = [torch.empty(d.numel(), dtype=dtype) for _ in range(2)]
+            scratch = torch.empty(d.numel(), device=device)
+        d.add_(scratch[:d.numel()].copy_(t))
+        o = outs[i % 2][:d.numel()]
+        yield o.copy_(d)
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """The device weight arithmetic runs on: the CPU unless told; one that is not there is an error."""
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here (torch.cuda.is_available() is False)")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {str(device)!r}: weight edits run on cpu, cuda, mps or xpu")
+    if dev.type != "cpu" and not getattr(torch, dev.type).is_available():
+        raise ValueError(f"device {str(device)!r}: not available here")
+    return dev
+
+
+def _disk_order(ck: Checkpoint, names: Iterable[str]) -> list[str]:
+    """``names`` in the order their bytes lie in ``ck`` (shard by shard, by offset)."""
+    pos = {n: (ck.where[n], ck.file(n).entries[n][2]) for n in names}
+    return sorted(pos, key=pos.__getitem__)
 
 
 def hdr(target: str | os.PathLike | Checkpoint, harm: TaskVector, out: str | os.PathLike, *, scale: float = 3.0,
-        top_k: float | None = 0.1, scope: str = "global", overwrite: bool = False, progress: bool = False) -> Path:
+        top_k: float | None = 0.1, scope: str = "global", overwrite: bool = False, progress: bool = False,
+        device: torch.device | str | None = None, threads: int | None = None) -> Path:
     """Harm Direction Removal (Safety Arithmetic): θ_safe = θ_target − scale·topk(τ_H), with the
     exact global top ``top_k`` fraction of τ_H (``None`` or 1: untrimmed; ``scope="tensor"``: the
-    top fraction of each tensor instead, which the paper does not do)."""
+    top fraction of each tensor instead, which the paper does not do). ``device`` and ``threads``
+    as for :func:`apply`."""
     if not math.isfinite(scale):
         raise ValueError(f"hdr: scale must be a finite number, not {scale}")
     if top_k is not None and not 0.0 < top_k <= 1.0:
         raise ValueError(f"hdr: top_k must be a fraction in (0, 1], not {top_k}")
     trimmed = harm if top_k is None or top_k >= 1.0 else harm.top_k(top_k, scope)
-    return apply(target, trimmed, out, scale=-scale, overwrite=overwrite, progress=progress,
+    return apply(target, trimmed, out, scale=-scale, overwrite=overwrite, progress=progress, device=device,
+                 threads=threads,
                  provenance={"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k,
                              "hdr_scope": scope})
