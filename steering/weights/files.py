@@ -181,6 +181,24 @@ class SafetensorsFile:
         feed = _FEEDERS.get(self._key)
         return feed.feed(self, offset, mv) if feed is not None else None
 
+    def read_entries(self, name: str, starts: Iterable[int], length: int) -> torch.Tensor:
+        """Entries ``[s, s + length)`` of the flattened tensor ``name`` for each start, one after
+        another (small positioned reads: a sample, not a pass; they feed no fingerprint)."""
+        code, shape, b, _ = self.entries[name]
+        dt = DTYPES[code]
+        starts = list(starts)
+        out = torch.empty(len(starts) * length * dt.itemsize, dtype=torch.uint8)
+        if self._f is None:
+            with self._lock:
+                if self._f is None:
+                    self._f = os.open(self.path, os.O_RDONLY)
+        raw, step = out.numpy(), length * dt.itemsize
+        for j, st in enumerate(starts):
+            if st < 0 or st + length > numel(shape):
+                raise IndexError(f"{name}: entries {st}..{st + length} outside its {numel(shape)}")
+            self._read_raw(self.data_start + b + st * dt.itemsize, raw[j * step:(j + 1) * step])
+        return out.view(dt)
+
     def _read_raw(self, offset: int, buf: Any) -> None:
         mv = memoryview(buf).cast("B")
         if os.preadv(self._f, [mv], offset) != len(mv):
@@ -654,7 +672,7 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                      side_files: Callable[[Path], None] | None = None, progress: bool = False,
                      keep_remote_code: bool = False,
                      pieces: Callable[[str, SafetensorsFile], Iterator[torch.Tensor] | None] | None = None,
-                     threads: int | None = None) -> Path:
+                     threads: int | None = None, before_commit: Callable[[Path], None] | None = None) -> Path:
     """Write ``source`` with every tensor passed through ``tensor(name, original)`` into folder ``out``.
 
     The function gets the stored tensor (its own dtype) and returns the edited one, which is cast
@@ -666,7 +684,9 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
     changes the config). Fingerprint placeholders in ``provenance`` (see
     :meth:`Checkpoint.fingerprint`) are filled into every header once everything is read. Torch
     runs on ``threads`` threads less one (default: the threads torch has), the reads, hashing and
-    fsync in background threads. See the module docstring for the guarantees."""
+    fsync in background threads. ``before_commit(tmp)`` runs once every shard is written, before
+    the folder is renamed into place (an error there leaves nothing). See the module docstring
+    for the guarantees."""
     from tqdm.auto import tqdm
 
     from ..io import _fsync_file, atomic_folder
@@ -714,10 +734,12 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
             writers.append(w)
             syncs.submit(_fsync_file, w.path)  # overlapped with the next shard's work
             total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
+        syncs.shutdown(wait=True)
+        if before_commit is not None:
+            before_commit(tmp)
         blob = resolve_fingerprints(blob)
         for w in writers:
             w.patch_header(resolve_fingerprints)
-        syncs.shutdown(wait=True)
         if (source.folder / INDEX).is_file() or len(shards) > 1:
             weight_map = dict(source.where)
             weight_map.update({n: shards[-1] for n in extra})

@@ -82,6 +82,12 @@ class TaskVector:
         so the reads are sequential and the fingerprints are hashed from them)."""
         return list(self.names)
 
+    def sample(self, name: str, starts: Sequence[int], length: int) -> torch.Tensor:
+        """Entries ``[s, s + length)`` of the flattened delta of ``name`` for each start (float32,
+        concatenated), read without a pass over the tensor; NotImplementedError where that is not
+        cheap (a vector that must be computed whole)."""
+        raise NotImplementedError
+
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
 
@@ -269,6 +275,10 @@ class _Diff(TaskVector):
     def read_order(self) -> list[str]:
         return _disk_order(self.base, self.names)
 
+    def sample(self, name: str, starts: Sequence[int], length: int) -> torch.Tensor:
+        return (self.ft.file(name).read_entries(name, starts, length).float()
+                - self.base.file(name).read_entries(name, starts, length).float())
+
     def sources(self) -> list[Path]:
         return [self.base.path, self.ft.path]
 
@@ -297,6 +307,9 @@ class _File(TaskVector):
 
     def read_order(self) -> list[str]:
         return _disk_order(self.ck, self.names)
+
+    def sample(self, name: str, starts: Sequence[int], length: int) -> torch.Tensor:
+        return self.ck.file(name).read_entries(name, starts, length).float()
 
     def sources(self) -> list[Path]:
         return [self.ck.path]
@@ -343,6 +356,14 @@ class _Sum(TaskVector):
     def read_order(self) -> list[str]:
         order = list(dict.fromkeys(n for _, v in self.terms for n in v.read_order()))
         return order
+
+    def sample(self, name: str, starts: Sequence[int], length: int) -> torch.Tensor:
+        out = None
+        for c, v in self.terms:
+            if name in v:
+                t = v.sample(name, starts, length).mul_(c)
+                out = t if out is None else out.add_(t)
+        return out
 
     def sources(self) -> list[Path]:
         return [s for _, v in self.terms for s in v.sources()]
@@ -638,13 +659,207 @@ def hdr(target: str | os.PathLike | Checkpoint, harm: TaskVector, out: str | os.
     """Harm Direction Removal (Safety Arithmetic): θ_safe = θ_target − scale·topk(τ_H), with the
     exact global top ``top_k`` fraction of τ_H (``None`` or 1: untrimmed; ``scope="tensor"``: the
     top fraction of each tensor instead, which the paper does not do). ``device`` and ``threads``
-    as for :func:`apply`."""
+    as for :func:`apply`.
+
+    The global top-k takes one pass over τ_H, the edit itself (see :func:`_hdr_one_pass`): a
+    sample of τ_H brackets the k-th magnitude, entries above the bracket are kept as they stream,
+    those inside it are decided once the pass has counted, and patched into the written shards
+    before the folder is renamed into place. When the sample misjudges the bracket, or τ_H cannot
+    be sampled, the exact threshold is found first by radix select (two passes); the bytes out
+    are the same either way."""
     if not math.isfinite(scale):
         raise ValueError(f"hdr: scale must be a finite number, not {scale}")
     if top_k is not None and not 0.0 < top_k <= 1.0:
         raise ValueError(f"hdr: top_k must be a fraction in (0, 1], not {top_k}")
+    prov = {"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k, "hdr_scope": scope}
     trimmed = harm if top_k is None or top_k >= 1.0 else harm.top_k(top_k, scope)
+    if isinstance(trimmed, _TopK) and scope == "global" and not _FORCE_RADIX:
+        tgt = target if isinstance(target, Checkpoint) else Checkpoint(target)
+        try:
+            return _hdr_one_pass(tgt, trimmed, out, scale=scale, overwrite=overwrite, progress=progress,
+                                 device=device, threads=threads, provenance=prov)
+        except _BracketMissed:
+            target = tgt  # fall through: the exact threshold first, then the edit
     return apply(target, trimmed, out, scale=-scale, overwrite=overwrite, progress=progress, device=device,
-                 threads=threads,
-                 provenance={"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k,
-                             "hdr_scope": scope})
+                 threads=threads, provenance=prov)
+
+
+_FORCE_RADIX = False  # tests compare the two paths
+_SAMPLE, _BLOCK, _GROUPS = 2**20, 64, 32
+
+
+class _BracketMissed(Exception):
+    """The k-th magnitude fell outside the sampled bracket (or the bracket would hold too much)."""
+
+
+def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
+    """Float32 bit patterns ``(lo, hi)`` of |τ| that bracket its k-th largest magnitude, from a
+    seeded sample of blocks of every tensor (weighted by the tensor's share). The bracket is
+    ±8 standard errors of the count above the estimate (measured from 16 disjoint groups of
+    blocks, so correlated blocks widen it), at least ±4√k entries; None when τ cannot be sampled
+    or the bracket is expected to hold more than ``cap`` entries."""
+    total = v.numel
+    bits, weights, groups = [], [], []
+    g = torch.Generator().manual_seed(0)
+    try:
+        for n in v.read_order():
+            m = numel(v.shapes[n])
+            if m == 0:
+                continue
+            length = min(_BLOCK, m)
+            count = max(1, min(m // length, math.ceil(m * min(1.0, _SAMPLE / total) / length)))
+            starts = torch.randint(0, m - length + 1, (count,), generator=g).sort().values.tolist()
+            x = v.sample(n, starts, length)
+            bits.append(_bits(x, n, out=x).long())
+            weights.append(torch.full((count * length,), m / (count * length), dtype=torch.float64))
+            groups.append(torch.randint(0, _GROUPS, (count,), generator=g).repeat_interleave(length))
+    except NotImplementedError:
+        return None
+    b, w, grp = torch.cat(bits), torch.cat(weights), torch.cat(groups)
+    order = torch.argsort(b, descending=True, stable=True)
+    b, w, grp = b[order], w[order], grp[order]
+    cum = torch.cumsum(w, 0)
+    at = int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64)).clamp(max=len(b) - 1))
+    est = int(b[at])
+    whole = float(w.sum())  # each group's share above the estimate, scaled to the whole (a ratio: groups differ in size)
+    above = torch.stack([w[(grp == j) & (b > est)].sum() / w[grp == j].sum().clamp(min=1e-30) * whole
+                         for j in range(_GROUPS)])
+    spread = float(above.std()) / math.sqrt(_GROUPS) if _GROUPS > 1 else 0.0
+    delta = max(8.0 * spread, 4.0 * math.sqrt(k), 1.0)
+
+    def value_at(rank: float) -> int:
+        i = int(torch.searchsorted(cum, torch.tensor(min(max(rank, 0.0), float(cum[-1])), dtype=torch.float64)))
+        return int(b[min(i, len(b) - 1)])
+
+    hi, lo = value_at(k - delta), value_at(k + delta)
+    if k - delta <= 0:
+        hi = 2**31 - 1
+    if k + delta >= total:
+        lo = 0
+    expected = float(w[(b >= lo) & (b <= hi)].sum())
+    return None if expected > cap else (lo, hi)
+
+
+def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, scale: float, overwrite: bool,
+                  progress: bool, device: Any, threads: int | None, provenance: Mapping[str, Any]) -> Path:
+    """HDR with the exact global top-k in the edit's own pass (see :func:`hdr`): what
+    ``apply(tgt, top, scale=-scale)`` writes, byte for byte."""
+    from .files import SafetensorsFile, write_checkpoint
+
+    harm = top.inner
+    k = top.k_of(harm.numel)
+    for n in harm.names:
+        if n not in tgt or tgt.shape(n) != harm.shapes[n] or not tgt.is_floating(n):
+            raise _BracketMissed  # apply() names the problem
+    largest = max((f.path.stat().st_size for f in tgt.files.values()), default=0)
+    cap = max(2**20, largest // 2 // 16)  # ~16 bytes an undecided entry: half a shard at most
+    window = _bracket(harm, k, cap)
+    if window is None:
+        raise _BracketMissed
+    lo, hi = window
+    dev, c = _device(device), -scale
+    rank = {n: i for i, n in enumerate(sorted(harm.names))}
+    undecided: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, flat index, bits, value)
+    count = {"above": 0, "undecided": 0}
+
+    def edit(name: str, f: Any) -> Iterator[torch.Tensor] | None:
+        if name not in harm:
+            return None
+        return run(name, f)
+
+    def run(name: str, f: Any) -> Iterator[torch.Tensor]:
+        dtype, outs, at = f.dtype(name), [], 0
+        for i, (d, t) in enumerate(zip(harm.pieces(name, dev), f.pieces(name))):
+            n = d.numel()
+            if not outs:  # integer masks from the bit patterns: several times faster than bool masks here
+                outs = [torch.empty(n, dtype=dtype) for _ in range(2)]
+                scratch, ibits, above, inside = (torch.empty(n, device=dev),
+                                                 *(torch.empty(n, dtype=torch.int32, device=dev) for _ in range(3)))
+            tf = scratch[:n].copy_(t)
+            bits = _bits(d, name, out=ibits)
+            keep = torch.sub(hi, bits, out=above[:n]).bitwise_right_shift_(31)  # −1 where |τ| > hi, else 0
+            count["above"] += int(torch.count_nonzero(keep))
+            if lo == hi:  # the bracket is one value (16-bit weights' differences tie often)
+                und = torch.eq(bits, lo)
+            else:
+                und = torch.sub(lo - 1, bits, out=inside[:n]).bitwise_right_shift_(31).sub_(keep)  # −1 where lo ≤ |τ| ≤ hi
+            if int(torch.count_nonzero(und)):  # decided after the pass: its value if kept, computed as the kept ones are
+                idx = und.nonzero().squeeze(1)
+                val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
+                undecided.append((rank[name], (idx + at).to("cpu"), bits[idx].to("cpu"), val))
+                count["undecided"] += len(idx)
+                if count["undecided"] > 2 * cap:
+                    raise _BracketMissed
+            d.view(torch.int32).bitwise_and_(keep)  # the entries not kept become +0.0, as masked_fill_ makes them
+            d.mul_(c).add_(tf)  # the edit as apply() makes it
+            yield outs[i % 2][:n].copy_(d)
+            at += n
+
+    def settle(tmp: Path) -> None:
+        need = k - count["above"]
+        if need < 0 or need > count["undecided"]:
+            raise _BracketMissed
+        if need == 0 or not undecided:
+            return
+        every = torch.cat([b for _, _, b, _ in undecided])
+        if hi - lo < 2**22:  # a histogram over the bracket's values
+            hist = torch.bincount(every.sub_(lo).long(), minlength=hi - lo + 1)
+            from_top = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # undecided entries ≥ each value
+            v = int((from_top >= need).nonzero().max())  # the k-th magnitude, as an offset from lo
+            ties_left = need - int(from_top[v] - hist[v])  # entries equal to it that are kept
+            v += lo
+        else:  # a wide bracket (k near either end): sort the undecided magnitudes instead
+            v = int(torch.sort(every, descending=True).values[need - 1])
+            ties_left = need - int(torch.count_nonzero(every > v))
+        del every
+        tie_counts: dict[int, int] = {}
+        for r, _, b, _ in undecided:
+            tie_counts[r] = tie_counts.get(r, 0) + int(torch.count_nonzero(b == v))
+        allowed: dict[int, int] = {}
+        for r in sorted(tie_counts):  # ties go in name order, then index order (each tensor's entries are in order)
+            allowed[r] = min(tie_counts[r], ties_left)
+            ties_left -= allowed[r]
+        names = sorted(harm.names)
+        for r, ix, b, val in undecided:
+            pick = b > v
+            if allowed.get(r, 0):
+                at_v = (b == v).nonzero().squeeze(1)
+                take = at_v[:allowed[r]]
+                allowed[r] -= len(take)
+                pick[take] = True
+            if bool(pick.any()):
+                name = names[r]
+                _patch(SafetensorsFile(tmp / tgt.where[name]), name, ix[pick], val[pick])
+
+    try:
+        return write_checkpoint(tgt, out, None, {"method": "task_arithmetic", "target": str(tgt.path),
+                                                 "target_sha256": tgt.fingerprint(lazy=True), "scale": -scale,
+                                                 "vector": top._provenance, **provenance},
+                                overwrite=overwrite, sources=top.sources(), progress=progress, pieces=edit,
+                                threads=threads, before_commit=settle)
+    finally:
+        undecided.clear()
+
+
+def _patch(f: Any, name: str, flat: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` at the flat indices ``flat`` (ascending) of tensor ``name`` of the written
+    shard ``f``, a window of the file at a time."""
+    _, _, b, _ = f.entries[name]
+    size = values.element_size()
+    raw = values.view(torch.uint8).reshape(-1, size)
+    window = 2**22
+    with open(f.path, "r+b") as fh:
+        pos = f.data_start + b + flat * size
+        first = pos // window
+        for w in torch.unique_consecutive(first).tolist():
+            sel = (first == w).nonzero().squeeze(1)
+            lo_b, hi_b = int(pos[sel[0]]), int(pos[sel[-1]]) + size
+            buf = bytearray(hi_b - lo_b)
+            fh.seek(lo_b)
+            fh.readinto(buf)
+            arr = torch.frombuffer(buf, dtype=torch.uint8).reshape(-1)
+            offs = (pos[sel] - lo_b).unsqueeze(1) + torch.arange(size)
+            arr[offs.reshape(-1)] = raw[sel].reshape(-1)
+            fh.seek(lo_b)
+            fh.write(buf)
+    f.close()

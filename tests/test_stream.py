@@ -1,0 +1,168 @@
+"""Streamed weight edits: pieces, read-ahead, fingerprints hashed as the bytes are read, HDR's
+one-pass exact top-k, and the device / thread options. The bytes out must be the ones the
+plain (whole-tensor, radix-select) computation gives."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import steering.weights.files as files
+import steering.weights.taskvec as tv
+from steering.cli import main
+from steering.testing import save_sharded
+from steering.weights import Checkpoint
+from steering.weights.taskvec import TaskVector, apply, hdr
+
+
+def weights(seed: int, *, tied: bool, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A few thousand entries in tensors of several sizes; ``tied``: 16-bit weights whose
+    differences take few values (ties at any threshold), else continuous float32."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (64, 48), "layers.0.w": (48, 40), "layers.0.norm": (48,), "layers.1.w": (40, 48),
+              "layers.10.w": (48, 48), "head.weight": (64, 48), "scalar": ()}
+    out = {}
+    for n, s in shapes.items():
+        t = torch.randn(s, generator=g) * 0.02 + torch.randn(s, generator=torch.Generator().manual_seed(99)) * 0.02
+        out[n] = t.to(dtype if tied else torch.float32)
+    return out
+
+
+def ckpt(path: Path, seed: int, tied: bool, shards: int = 3) -> Path:
+    base = weights(0, tied=tied)
+    w = {n: (t.float() + (weights(seed, tied=tied)[n].float() - t.float()) * 0.1).to(t.dtype) if seed else t
+         for n, t in base.items()}
+    return save_sharded(w, path, shards)
+
+
+def tensor_bytes(folder: Path) -> dict[str, bytes]:
+    ck = Checkpoint(folder)
+    return {n: ck.get(n).reshape(-1).view(torch.uint8).numpy().tobytes() for n in ck.names}
+
+
+@pytest.fixture(params=[False, True], ids=["continuous", "tied"])
+def trio(request, tmp_path):
+    tied = request.param
+    return ckpt(tmp_path / "base", 0, tied), ckpt(tmp_path / "ft", 1, tied), ckpt(tmp_path / "tgt", 2, tied)
+
+
+@pytest.mark.parametrize("frac", [0.01, 0.1, 0.5, 0.99])
+@pytest.mark.parametrize("piece", [None, 37])
+def test_one_pass_hdr_writes_what_the_radix_path_writes(trio, tmp_path, monkeypatch, frac, piece):
+    base, ft, tgt = trio
+    if piece:  # pieces smaller than tensors, ties spanning pieces
+        monkeypatch.setattr(files, "PIECE", piece)
+    calls = []
+    real, real_apply = tv._hdr_one_pass, tv.apply
+    monkeypatch.setattr(tv, "_hdr_one_pass", lambda *a, **k: calls.append("one pass") or real(*a, **k))
+    monkeypatch.setattr(tv, "apply", lambda *a, **k: calls.append("fallback") or real_apply(*a, **k))
+    one = hdr(tgt, TaskVector.between(base, ft), tmp_path / "one", top_k=frac)
+    assert calls == ["one pass"]  # the bracket held: no second write
+    monkeypatch.setattr(tv, "_FORCE_RADIX", True)
+    radix = hdr(tgt, TaskVector.between(base, ft), tmp_path / "radix", top_k=frac)
+    assert tensor_bytes(one) == tensor_bytes(radix)
+    a, b = (json.loads(Checkpoint(p).metadata["steering"]) for p in (one, radix))
+    assert a == b  # the same provenance too
+
+
+@pytest.mark.parametrize("window", ["too_high", "too_low", "none"])
+def test_a_misjudged_bracket_falls_back_to_the_same_bytes(trio, tmp_path, monkeypatch, window):
+    base, ft, tgt = trio
+    tau = TaskVector.between(base, ft)
+    k = tau.top_k(0.1).k_of(tau.numel)
+    lo, hi = tv._bracket(tau, k, 10**9)
+    wrong = {"too_high": (hi + 1, hi + 2), "too_low": (0, max(0, lo - 1)), "none": None}[window]
+    monkeypatch.setattr(tv, "_bracket", lambda *a: wrong)
+    calls, real_apply = [], tv.apply
+    monkeypatch.setattr(tv, "apply", lambda *a, **k: calls.append("fallback") or real_apply(*a, **k))
+    out = hdr(tgt, tau, tmp_path / "out", top_k=0.1)
+    assert calls == ["fallback"]
+    monkeypatch.setattr(tv, "_FORCE_RADIX", True)
+    assert tensor_bytes(out) == tensor_bytes(hdr(tgt, TaskVector.between(base, ft), tmp_path / "radix", top_k=0.1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out", "radix", "tgt"]  # no temporary left
+
+
+def test_the_bracket_holds_the_kth_magnitude(tmp_path):
+    """On 400k continuous entries the sampled bracket contains the exact threshold and a small
+    share of the entries (±8 standard errors of a 4% sample: about 4% expected, and the entries a
+    bracket holds are what the one-pass HDR keeps aside)."""
+    g = torch.Generator().manual_seed(0)
+    base = save_sharded({f"t{i}": torch.randn(20000, generator=g) for i in range(20)}, tmp_path / "b", 2)
+    ft = save_sharded({f"t{i}": torch.randn(20000, generator=g) * (1 + i / 10) for i in range(20)}, tmp_path / "f", 2)
+    tau = TaskVector.between(base, ft)
+    monkeypatch_sample = tv._SAMPLE
+    tv._SAMPLE = 2**14  # a sample of 4% of the entries, as a big model's would be
+    try:
+        top = tau.top_k(0.1)
+        k = top.k_of(tau.numel)
+        lo, hi = tv._bracket(tau, k, 10**9)
+    finally:
+        tv._SAMPLE = monkeypatch_sample
+    exact = top.threshold().value_bits
+    assert lo <= exact <= hi
+    mags = torch.cat([tau.get(n).abs().view(torch.int32) for n in tau.names])
+    assert int(((mags >= lo) & (mags <= hi)).sum()) < 0.10 * tau.numel
+
+
+def sha256_of(folder: Path) -> str:
+    h = hashlib.sha256()
+    for shard in sorted(Checkpoint(folder).files):
+        h.update((folder / shard).read_bytes())
+    return h.hexdigest()
+
+
+def test_fingerprints_hashed_while_reading_are_the_files_sha256(trio, tmp_path, monkeypatch):
+    base, ft, tgt = trio
+    monkeypatch.setattr(files, "_FINGERPRINTS", {})  # nothing known in advance: every hash is computed here
+    monkeypatch.setattr(files, "PIECE", 50)
+    out = hdr(tgt, TaskVector.between(base, ft), tmp_path / "out", top_k=0.2)
+    raw = [(out / s).read_bytes() for s in Checkpoint(out).files]
+    assert all(b"sha256-pending" not in r for r in raw)  # every placeholder filled in
+    prov = json.loads(Checkpoint(out).metadata["steering"])
+    assert prov["target_sha256"] == sha256_of(tgt)
+    assert prov["vector"]["of"]["base_sha256"] == sha256_of(base)
+    assert prov["vector"]["of"]["finetuned_sha256"] == sha256_of(ft)
+    assert "sha256-pending" not in (out / "README.md").read_text()
+    # a vector saved in name order reads its inputs out of disk order: the hash still comes out right
+    monkeypatch.setattr(files, "_FINGERPRINTS", {})
+    saved = TaskVector.between(base, ft).save(tmp_path / "tau.safetensors")
+    meta = json.loads(Checkpoint(saved).metadata["steering"])
+    assert meta["base_sha256"] == sha256_of(base) and meta["finetuned_sha256"] == sha256_of(ft)
+    assert TaskVector.load(saved).provenance["finetuned_sha256"] == sha256_of(ft)
+
+
+def test_pieces_are_the_tensor_and_reuse_no_memory_in_use(trio, monkeypatch):
+    base, _, _ = trio
+    monkeypatch.setattr(files, "PIECE", 23)
+    ck = Checkpoint(base)
+    for n in ck.names:
+        f = ck.file(n)
+        whole = f.get(n).reshape(-1)
+        got = [p.clone() for p in f.pieces(n)]
+        assert torch.equal(torch.cat(got) if got else whole[:0], whole), n
+    # two streams of one file at once (e.g. a sum of vectors that share an input) do not share buffers
+    n = max(ck.names, key=ck.numel)
+    f = ck.file(n)
+    for a, b in zip(f.pieces(n), f.pieces(n)):
+        assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+
+
+def test_threads_and_device_options(trio, tmp_path, capsys):
+    base, ft, tgt = trio
+    before = torch.get_num_threads()
+    a = apply(tgt, TaskVector.between(base, ft), tmp_path / "a", threads=1)
+    assert torch.get_num_threads() == before  # restored
+    b = apply(tgt, TaskVector.between(base, ft), tmp_path / "b", device="cpu", threads=3)
+    assert tensor_bytes(a) == tensor_bytes(b)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda'.*CUDA is not available"):
+            hdr(tgt, TaskVector.between(base, ft), tmp_path / "c", device="cuda")
+        tau = TaskVector.between(base, ft).save(tmp_path / "tau.safetensors")
+        assert main(["hdr", str(tgt), "--harm-vector", str(tau), "--out", str(tmp_path / "d"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cuda" in err[0]
+        assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        apply(tgt, TaskVector.between(base, ft), tmp_path / "e", threads=0)
