@@ -166,3 +166,14 @@ def test_threads_and_device_options(trio, tmp_path, capsys):
         assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
     with pytest.raises(ValueError, match="threads must be at least 1"):
         apply(tgt, TaskVector.between(base, ft), tmp_path / "e", threads=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_saved_vector_written_in_pieces_is_the_vector(trio, tmp_path, monkeypatch, dtype):
+    """Pieces are written in the background while the next is computed: none may be overwritten first."""
+    base, ft, _ = trio
+    monkeypatch.setattr(files, "PIECE", 64)
+    tau = TaskVector.between(base, ft)
+    back = TaskVector.load(tau.save(tmp_path / "tau.safetensors", dtype=dtype))
+    for n in tau.names:
+        assert torch.equal(back.get(n), tau.get(n).to(dtype).float()), n

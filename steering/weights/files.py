@@ -56,7 +56,7 @@ _MAX_HEADER = 100 * 2**20
 PIECE = 2**20
 """Entries per piece of streamed arithmetic: 2–4 MB read, 4 MB of float32 work, which stays in the
 cache (whole-tensor float32 temporaries ran about 20× slower here, measured in experiments/bench_stream.py)."""
-_AHEAD = 1  # pieces read ahead of the consumer (one more buffer than that is kept for the writer)
+_AHEAD = 1  # pieces read ahead of the consumer
 _SPARE: list[torch.Tensor] = []  # read buffers between streams (reused: fresh memory is slow to fault in)
 _SPARE_LOCK = threading.Lock()
 _MAX_SPARE = 12
@@ -204,10 +204,11 @@ class SafetensorsFile:
         if os.preadv(self._f, [mv], offset) != len(mv):
             raise ValueError(f"{self.path}: truncated at byte {offset}")
 
-    def pieces(self, name: str, size: int | None = None) -> Iterator[torch.Tensor]:
+    def pieces(self, name: str, size: int | None = None, *, written: bool = False) -> Iterator[torch.Tensor]:
         """The flattened tensor ``name`` in consecutive pieces of ``size`` entries (default
         :data:`PIECE`; its stored dtype), read ahead in a background thread; each piece is valid
-        until the next is asked for."""
+        until the next is asked for (``written``: until the one after, so a :class:`ShardWriter`
+        can write it in the background)."""
         size = size or PIECE
         code, shape, b, e = self.entries[name]
         dt = DTYPES[code]
@@ -215,7 +216,7 @@ class SafetensorsFile:
         count = -(-total // size)
         if count == 0:
             return
-        bufs = _take_buffers(_AHEAD + 2, min(nbytes, total * dt.itemsize))
+        bufs = _take_buffers(_AHEAD + 1 + written, min(nbytes, total * dt.itemsize))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-read")
 
@@ -679,7 +680,9 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
     back to the stored dtype; shapes must not change. Or, for edits that act entry by entry,
     ``pieces(name, file)`` returns the edited tensor as an iterator of flat pieces in the stored
     dtype (built from ``file.pieces(name)``), or ``None`` to copy the tensor unchanged: nothing is
-    then held but a few pieces. ``extra`` tensors (new biases of a baked edit) go into the last
+    then held but a few pieces. A piece is written in the background, so it must stay unchanged
+    until the iterator is asked for the piece after next (alternate two buffers, or yield fresh
+    tensors). ``extra`` tensors (new biases of a baked edit) go into the last
     shard. ``side_files(tmp)`` writes config files in place of copying the source's (a bake that
     changes the config). Fingerprint placeholders in ``provenance`` (see
     :meth:`Checkpoint.fingerprint`) are filled into every header once everything is read. Torch
@@ -783,7 +786,7 @@ def finite(t: torch.Tensor) -> bool:
 def _write_pieces(w: ShardWriter, n: str, f: SafetensorsFile, it: Iterator[torch.Tensor] | None) -> None:
     w.begin(n)
     if it is None:
-        for p in f.pieces(n):  # copied as stored
+        for p in f.pieces(n, written=True):  # copied as stored
             w.write_piece(p)
     else:
         for p in it:

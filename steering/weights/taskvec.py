@@ -212,7 +212,7 @@ class TaskVector:
                     for t in self.pieces(n):
                         if not bool(torch.isfinite(t).all()):
                             raise ValueError(f"{n}: the task vector holds NaN or infinite values")
-                        w.write_piece(t.to(dtype))
+                        w.write_piece(t.to(dtype, copy=True))  # its own memory: written in the background
                     w.end()
             except BaseException:
                 w.abort()  # report the first error, not "tensors were not written"
@@ -710,15 +710,17 @@ def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
             count = max(1, min(m // length, math.ceil(m * min(1.0, _SAMPLE / total) / length)))
             starts = torch.randint(0, m - length + 1, (count,), generator=g).sort().values.tolist()
             x = v.sample(n, starts, length)
-            bits.append(_bits(x, n, out=x).long())
-            weights.append(torch.full((count * length,), m / (count * length), dtype=torch.float64))
-            groups.append(torch.randint(0, _GROUPS, (count,), generator=g).repeat_interleave(length))
+            bits.append(_bits(x, n, out=x))
+            weights.append(torch.full((count * length,), m / (count * length)))
+            groups.append(torch.randint(0, _GROUPS, (count,), generator=g, dtype=torch.int8).repeat_interleave(length))
     except NotImplementedError:
         return None
-    b, w, grp = torch.cat(bits), torch.cat(weights), torch.cat(groups)
-    order = torch.argsort(b, descending=True, stable=True)
-    b, w, grp = b[order], w[order], grp[order]
-    cum = torch.cumsum(w, 0)
+    b, w, grp = torch.cat(bits), torch.cat(weights), torch.cat(groups)  # ~10 bytes a sampled entry
+    del bits, weights, groups
+    b, order = torch.sort(b, descending=True, stable=True)
+    w, grp = w[order], grp[order]
+    del order
+    cum = torch.cumsum(w, 0, dtype=torch.float64)
     at = int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64)).clamp(max=len(b) - 1))
     est = int(b[at])
     whole = float(w.sum())  # each group's share above the estimate, scaled to the whole (a ratio: groups differ in size)
@@ -727,17 +729,21 @@ def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
     spread = float(above.std()) / math.sqrt(_GROUPS) if _GROUPS > 1 else 0.0
     delta = max(8.0 * spread, 4.0 * math.sqrt(k), 1.0)
 
-    def value_at(rank: float) -> int:
-        i = int(torch.searchsorted(cum, torch.tensor(min(max(rank, 0.0), float(cum[-1])), dtype=torch.float64)))
-        return int(b[min(i, len(b) - 1)])
-
-    hi, lo = value_at(k - delta), value_at(k + delta)
+    hi, lo = _value_at(cum, b, k - delta), _value_at(cum, b, k + delta)
     if k - delta <= 0:
         hi = 2**31 - 1
     if k + delta >= total:
         lo = 0
     expected = float(w[(b >= lo) & (b <= hi)].sum())
+    del b, w, grp, cum
+    release_memory()  # the sample's memory goes back before the pass begins
     return None if expected > cap else (lo, hi)
+
+
+def _value_at(cum: torch.Tensor, b: torch.Tensor, rank: float) -> int:
+    """The sampled magnitude (bits, descending ``b``) at weighted rank ``rank`` (cumulative weights ``cum``)."""
+    i = int(torch.searchsorted(cum, torch.tensor(min(max(rank, 0.0), float(cum[-1])), dtype=torch.float64)))
+    return int(b[min(i, len(b) - 1)])
 
 
 def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, scale: float, overwrite: bool,
