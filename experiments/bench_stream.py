@@ -1,10 +1,14 @@
-"""Benchmark 3: streaming checkpoint edits on a ~1.1B-parameter Llama-shaped bf16 checkpoint.
+"""Benchmark 3: streaming checkpoint edits on Llama-shaped bf16 checkpoints of three sizes.
 
-    python experiments/bench_stream.py [--repeats 3] [--cache DIR]   # writes its section of experiments/results/BENCHMARKS.md and bench_stream.json
+    python experiments/bench_stream.py [--repeats 3] [--layers 4,10,22] [--device cuda] [--cache DIR]
+    # writes its section of experiments/results/BENCHMARKS.md and bench_stream.json
 
-Three random checkpoints (``base``, ``ft`` = base + noise, ``tgt`` = base + other noise) of the
-TinyLlama-1.1B shape (d 2048, 22 layers, MLP 5632, 32k vocabulary, untied head), bf16, in 5 shards,
-are generated once into ``--cache`` (default ``~/.cache/steering/bench``). Then, in one run, each
+For each size, three random checkpoints (``base``, ``ft`` = base + noise, ``tgt`` = base + other
+noise) of the TinyLlama-1.1B shape (d 2048, MLP 5632, 32k vocabulary, untied head) with 4, 10 and
+22 layers (0.31B, 0.57B and 1.10B parameters), bf16, in 5 shards, are generated once into
+``--cache`` (default ``~/.cache/steering/bench``), so the cost's growth with the checkpoint's size
+is measured, not assumed. ``--device`` is passed to steering's jobs (mergekit, the floors and the
+bare loop run on the CPU). Then, in one run per size, each
 job is timed as a fresh process, side by side with the floor of the same bytes, ``--repeats`` times
 in interleaved order (medians reported; ``sync`` before each, untimed; outputs deleted after):
 
@@ -46,24 +50,28 @@ SHAPE = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num
 N_SHARDS = 5
 
 
-def _config():
+NAMES = {22: "llama-1.1b", 10: "llama-0.6b", 4: "llama-0.3b"}
+
+
+def _config(layers: int = 22):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SHAPE, dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    return LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, dtype="bfloat16", architectures=["LlamaForCausalLM"])
 
 
-def generate(cache: Path) -> dict[str, Path]:
+def generate(cache: Path, layers: int = 22) -> dict[str, Path]:
     """base, ft and tgt checkpoints (bf16, 5 shards), generated once; returns their folders."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    folders = {k: cache / f"llama-1.1b-{k}" for k in ("base", "ft", "tgt")}
+    name = NAMES.get(layers, f"llama-{layers}l")
+    folders = {k: cache / f"{name}-{k}" for k in ("base", "ft", "tgt")}
     if all((f / "DONE").exists() for f in folders.values()):
         for f in folders.values():
-            _config().save_pretrained(f)
+            _config(layers).save_pretrained(f)
         return folders
-    cfg = _config()
+    cfg = _config(layers)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg)
     shapes = {n: tuple(p.shape) for n, p in meta.state_dict().items()}
@@ -138,20 +146,18 @@ def startup_rss(code: str) -> int:
     return timed(f"{sys.executable} -c '{code}'")[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache/steering")) / "bench")
-    args = ap.parse_args()
+def run_size(args: argparse.Namespace, layers: int) -> dict:
+    """Every job on the checkpoints of one size, interleaved, ``--repeats`` times; their rows."""
     import torch
 
     from steering.edits import Ablation
 
-    ck = generate(args.cache)
+    ck = generate(args.cache, layers)
     base, ft, tgt = (str(ck[k]) for k in ("base", "ft", "tgt"))
     shard_bytes = max(p.stat().st_size for p in ck["base"].glob("*.safetensors"))
     ck_bytes = sum(p.stat().st_size for p in ck["base"].glob("*.safetensors"))
     params_per_shard = int(shard_bytes / 2)
+    dev = f" --device {args.device}" if args.device else ""
     work = Path(tempfile.mkdtemp(prefix="bench-stream-", dir=args.cache))
     try:
         Ablation(torch.randn(1, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(0))).save(work / "abl.safetensors")
@@ -166,16 +172,18 @@ def main() -> None:
             "      weight: 1.0\ndtype: bfloat16\n")
         steer = f"{sys.executable} -m steering.cli"
         out = work / "out"
+
         def copy(src: str) -> str:  # write every shard's bytes with cat (cp may take other paths, copy_file_range)
             return f"mkdir {out} && for f in {src}/*; do cat $f > {out}/$(basename $f); done"
 
         jobs = {
             "hdr: floor (cat base ft; copy tgt)": f"cat {base}/*.safetensors {ft}/*.safetensors > /dev/null && {copy(tgt)}",
-            "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)": f"{steer} run {work / 'hdr.yaml'}",
+            "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)": f"{steer} run {work / 'hdr.yaml'}{dev}",
             "bake: floor (copy base)": copy(base),
-            "bake: steering bake (orthogonalisation, streamed)": f"{steer} bake {base} --edit {work / 'abl.safetensors'} --out {out}",
+            "bake: steering bake (orthogonalisation, streamed)":
+                f"{steer} bake {base} --edit {work / 'abl.safetensors'} --out {out}{dev}",
             "task arithmetic: floor (cat base; copy ft)": f"cat {base}/*.safetensors > /dev/null && {copy(ft)}",
-            "task arithmetic: steering run": f"{steer} run {work / 'ta.yaml'}",
+            "task arithmetic: steering run": f"{steer} run {work / 'ta.yaml'}{dev}",
             "task arithmetic: bare torch + safetensors (no checks, no provenance)": (
                 f"{sys.executable} -c '{BARE}' {base} {ft} {out}"),
             "task arithmetic: mergekit-yaml": (f"mergekit-yaml {work / 'mergekit.yaml'} {out} --no-copy-tokenizer --quiet "
@@ -189,41 +197,79 @@ def main() -> None:
                 secs, peak = timed(cmd)
                 times[label].append(secs)
                 peaks[label].append(peak)
-                print(f"[{r + 1}/{args.repeats}] {label}: {secs:.1f} s, peak RSS {peak / 2**20:.0f} MB", flush=True)
+                print(f"[{layers} layers, {r + 1}/{args.repeats}] {label}: {secs:.1f} s, peak RSS {peak / 2**20:.0f} MB",
+                      flush=True)
             shutil.rmtree(out, ignore_errors=True)
-        start = {"steering": startup_rss("import torch, steering.cli, steering.weights.taskvec, steering.recipe"),
-                 "mergekit": startup_rss("import torch, mergekit.merge, mergekit.scripts.run_yaml"),
-                 "bare": startup_rss("import torch, safetensors.torch")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {"layers": layers, "params_b": round(ck_bytes / 2 / 1e9, 2), "gib": round(ck_bytes / 2**30, 2),
+            "largest_shard_mib": round(shard_bytes / 2**20), "shard_bytes": shard_bytes,
+            "times": times, "peaks": peaks, "jobs": list(jobs)}
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    peak = {k: max(v) for k, v in peaks.items()}
-    floor_of = {"hdr": "hdr: floor (cat base ft; copy tgt)", "bake": "bake: floor (copy base)",
-                "task arithmetic": "task arithmetic: floor (cat base; copy ft)"}
-    rows = []
-    for label in jobs:
-        group = label.split(":")[0]
-        is_floor = label == floor_of[group]
-        tool = "mergekit" if "mergekit" in label else "bare" if "bare" in label else "steering"
-        grown = "" if is_floor else f"{(peak[label] - start[tool]) / shard_bytes:.2f}×"
-        rows.append({"job": label, "median_s": round(med[label], 2), "runs_s": [round(t, 2) for t in times[label]],
-                     "ratio_to_floor": round(med[label] / med[floor_of[group]], 2),
-                     "peak_rss_mb": round(peak[label] / 2**20), "peak_over_largest_shard": round(peak[label] / shard_bytes, 2),
-                     "growth_over_largest_shard": grown})
-    meta = {"command": "python experiments/bench_stream.py" + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
-            "machine": machine(), "checkpoint": f"{sum(1 for _ in ck['base'].glob('*.safetensors'))} shards, "
-            f"{ck_bytes / 2**30:.2f} GiB bf16, largest shard {shard_bytes / 2**20:.0f} MiB",
-            "startup_rss_mb": {k: round(v / 2**20) for k, v in start.items()}}
-    (RESULTS / "bench_stream.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Checkpoints: {meta['checkpoint']}  ",
+
+FLOOR_OF = {"hdr": "hdr: floor (cat base ft; copy tgt)", "bake": "bake: floor (copy base)",
+            "task arithmetic": "task arithmetic: floor (cat base; copy ft)"}
+TA, MK = "task arithmetic: steering run", "task arithmetic: mergekit-yaml"
+HDR, BAKE = "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)", "bake: steering bake (orthogonalisation, streamed)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", default="4,10,22", help="checkpoint sizes, as layer counts of the 1.1B shape")
+    ap.add_argument("--device", help="passed to steering's jobs (e.g. cuda)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache/steering")) / "bench")
+    args = ap.parse_args()
+    sizes = [run_size(args, int(x)) for x in args.layers.split(",")]
+    start = {"steering": startup_rss("import torch, steering.cli, steering.weights.taskvec, steering.recipe"),
+             "mergekit": startup_rss("import torch, mergekit.merge, mergekit.scripts.run_yaml"),
+             "bare": startup_rss("import torch, safetensors.torch")}
+    rows, summary = [], []
+    for sz in sizes:
+        med = {k: statistics.median(v) for k, v in sz["times"].items()}
+        peak = {k: max(v) for k, v in sz["peaks"].items()}
+        for label in sz["jobs"]:
+            group = label.split(":")[0]
+            is_floor = label == FLOOR_OF[group]
+            tool = "mergekit" if "mergekit" in label else "bare" if "bare" in label else "steering"
+            grown = None if is_floor else round((peak[label] - start[tool]) / sz["shard_bytes"], 2)
+            rows.append({"size": f"{sz['params_b']:.2f}B", "job": label, "median_s": round(med[label], 2),
+                         "runs_s": [round(t, 2) for t in sz["times"][label]],
+                         "ratio_to_floor": round(med[label] / med[FLOOR_OF[group]], 2),
+                         "peak_rss_mb": round(peak[label] / 2**20), "growth_over_largest_shard": grown})
+        growth = {k: round((peak[k] - start["steering"]) / sz["shard_bytes"], 2) for k in (TA, HDR, BAKE)}
+        summary.append({"size": f"{sz['params_b']:.2f}B", "gib": sz["gib"], "largest_shard_mib": sz["largest_shard_mib"],
+                        "ta_over_mergekit": round(med[TA] / med[MK], 2),
+                        "ta_over_floor": round(med[TA] / med[FLOOR_OF["task arithmetic"]], 2),
+                        "hdr_over_ta": round(med[HDR] / med[TA], 2),
+                        "bake_over_floor": round(med[BAKE] / med[FLOOR_OF["bake"]], 2),
+                        "peak_growth_over_shard": max(growth.values()), "ta_s": round(med[TA], 2),
+                        "hdr_s": round(med[HDR], 2), "bake_s": round(med[BAKE], 2), "mergekit_s": round(med[MK], 2)})
+    meta = {"command": "python experiments/bench_stream.py" + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+            + (f" --layers {args.layers}" if args.layers != "4,10,22" else "") + (f" --device {args.device}" if args.device else ""),
+            "machine": machine(), "startup_rss_mb": {k: round(v / 2**20) for k, v in start.items()},
+            "device": args.device or "cpu"}
+    (RESULTS / "bench_stream.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
+             "Checkpoints: the TinyLlama-1.1B shape with 4, 10 and 22 layers, bf16, 5 shards each; "
+             f"steering's arithmetic on the {meta['device']}  ",
              f"Start-up RSS (imports only): steering {meta['startup_rss_mb']['steering']} MB, "
              f"mergekit {meta['startup_rss_mb']['mergekit']} MB, torch + safetensors {meta['startup_rss_mb']['bare']} MB", "",
-             "| job | median (s) | runs (s) | × floor | peak RSS | peak − start-up, in largest shards |",
-             "|---|---:|---|---:|---:|---:|"]
+             "Targets, by size (medians; every job a fresh process, start-up included):", "",
+             "| checkpoint | task arithmetic ÷ mergekit (≤ 0.5) | task arithmetic ÷ floor (≤ 6) | HDR ÷ task arithmetic (≤ 1.5) "
+             "| orthogonalisation ÷ floor (≤ 5) | worst peak − start-up, in largest shards (≤ 1.5) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for sm in summary:
+        lines.append(f"| {sm['size']} ({sm['gib']:.2f} GiB, largest shard {sm['largest_shard_mib']} MiB) | "
+                     f"{sm['ta_over_mergekit']:.2f} ({sm['ta_s']:.1f} s vs {sm['mergekit_s']:.1f} s) | {sm['ta_over_floor']:.2f} | "
+                     f"{sm['hdr_over_ta']:.2f} ({sm['hdr_s']:.1f} s) | {sm['bake_over_floor']:.2f} ({sm['bake_s']:.1f} s) | "
+                     f"{sm['peak_growth_over_shard']:.2f} |")
+    lines += ["", "Every job:", "", "| size | job | median (s) | runs (s) | × floor | peak RSS | peak − start-up, in largest shards |",
+              "|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['job']} | {r['median_s']:.1f} | {', '.join(f'{t:.1f}' for t in r['runs_s'])} | "
-                     f"**{r['ratio_to_floor']:.2f}×** | {r['peak_rss_mb']} MB | {r['growth_over_largest_shard']} |")
+        g = "" if r["growth_over_largest_shard"] is None else f"{r['growth_over_largest_shard']:.2f}×"
+        lines.append(f"| {r['size']} | {r['job']} | {r['median_s']:.1f} | {', '.join(f'{t:.1f}' for t in r['runs_s'])} | "
+                     f"**{r['ratio_to_floor']:.2f}×** | {r['peak_rss_mb']} MB | {g} |")
     bench_section("stream", "3. Streaming checkpoint edits", "\n".join(lines))
     print("\n".join(lines))
 

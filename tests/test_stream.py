@@ -55,11 +55,11 @@ def test_one_pass_hdr_writes_what_the_radix_path_writes(trio, tmp_path, monkeypa
     if piece:  # pieces smaller than tensors, ties spanning pieces
         monkeypatch.setattr(files, "PIECE", piece)
     calls = []
-    real, real_apply = tv._hdr_one_pass, tv.apply
+    real, real_write = tv._hdr_one_pass, files.write_checkpoint
     monkeypatch.setattr(tv, "_hdr_one_pass", lambda *a, **k: calls.append("one pass") or real(*a, **k))
-    monkeypatch.setattr(tv, "apply", lambda *a, **k: calls.append("fallback") or real_apply(*a, **k))
+    monkeypatch.setattr(files, "write_checkpoint", lambda *a, **k: calls.append("write") or real_write(*a, **k))
     one = hdr(tgt, TaskVector.between(base, ft), tmp_path / "one", top_k=frac)
-    assert calls == ["one pass"]  # the bracket held: no second write
+    assert calls == ["one pass", "write"]  # the bracket held: one write, no second
     monkeypatch.setattr(tv, "_FORCE_RADIX", True)
     radix = hdr(tgt, TaskVector.between(base, ft), tmp_path / "radix", top_k=frac)
     assert tensor_bytes(one) == tensor_bytes(radix)
@@ -75,10 +75,18 @@ def test_a_misjudged_bracket_falls_back_to_the_same_bytes(trio, tmp_path, monkey
     lo, hi = tv._bracket(tau, k, 10**9)
     wrong = {"too_high": (hi + 1, hi + 2), "too_low": (0, max(0, lo - 1)), "none": None}[window]
     monkeypatch.setattr(tv, "_bracket", lambda *a: wrong)
-    calls, real_apply = [], tv.apply
-    monkeypatch.setattr(tv, "apply", lambda *a, **k: calls.append("fallback") or real_apply(*a, **k))
+    calls, real = [], tv._hdr_one_pass
+
+    def one_pass(*a, **k):
+        try:
+            return real(*a, **k)
+        except tv._BracketMissed:
+            calls.append("missed")
+            raise
+
+    monkeypatch.setattr(tv, "_hdr_one_pass", one_pass)
     out = hdr(tgt, tau, tmp_path / "out", top_k=0.1)
-    assert calls == ["fallback"]
+    assert calls == ["missed"]
     monkeypatch.setattr(tv, "_FORCE_RADIX", True)
     assert tensor_bytes(out) == tensor_bytes(hdr(tgt, TaskVector.between(base, ft), tmp_path / "radix", top_k=0.1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out", "radix", "tgt"]  # no temporary left
@@ -177,3 +185,16 @@ def test_a_saved_vector_written_in_pieces_is_the_vector(trio, tmp_path, monkeypa
     back = TaskVector.load(tau.save(tmp_path / "tau.safetensors", dtype=dtype))
     for n in tau.names:
         assert torch.equal(back.get(n), tau.get(n).to(dtype).float()), n
+
+
+def test_a_recipes_hdr_step_takes_the_one_pass_path(trio, tmp_path, monkeypatch):
+    from steering.recipe import run
+
+    base, ft, tgt = trio
+    calls, real = [], tv._hdr_one_pass
+    monkeypatch.setattr(tv, "_hdr_one_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (tmp_path / "r.yaml").write_text(f"model: {tgt}\nout: {tmp_path / 'out'}\nsteps:\n  - hdr:\n"
+                                     f"      harm: {{base: {base}, finetuned: {ft}}}\n      top_k: 0.2\n")
+    out = run(tmp_path / "r.yaml", progress=False)
+    assert calls == [1]
+    assert tensor_bytes(out) == tensor_bytes(hdr(tgt, TaskVector.between(base, ft), tmp_path / "direct", top_k=0.2))

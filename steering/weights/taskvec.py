@@ -617,8 +617,24 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
 
     prov = {"method": "task_arithmetic", "target": str(tgt.path), "target_sha256": tgt.fingerprint(lazy=True),
             "scale": scale, "vector": vector._provenance, **(provenance or {})}
+    one = _one_global_top_k(v)
+    if one is not None and not _FORCE_RADIX:  # c·topk(τ): the threshold found in the edit's own pass
+        try:
+            return _hdr_one_pass(tgt, one[1], out, c=one[0], overwrite=overwrite, progress=progress, device=dev,
+                                 threads=threads, provenance=prov, sources=vector.sources())
+        except _BracketMissed:
+            pass  # the exact threshold first (radix select), then the edit: the same bytes
     return write_checkpoint(tgt, out, None, prov, overwrite=overwrite, sources=vector.sources(), progress=progress,
                             pieces=edit, threads=threads)
+
+
+def _one_global_top_k(v: TaskVector) -> tuple[float, "_TopK"] | None:
+    """(c, t) when ``v`` is c·t for a global top-k t (HDR's −λ·topk(τ_H)), else None."""
+    if isinstance(v, _TopK) and v.scope == "global":
+        return 1.0, v
+    if isinstance(v, _Sum) and len(v.terms) == 1 and isinstance(v.terms[0][1], _TopK) and v.terms[0][1].scope == "global":
+        return v.terms[0][0], v.terms[0][1]
+    return None
 
 
 def _added(delta: Iterator[torch.Tensor], target: Iterator[torch.Tensor], dtype: torch.dtype,
@@ -671,17 +687,11 @@ def hdr(target: str | os.PathLike | Checkpoint, harm: TaskVector, out: str | os.
         raise ValueError(f"hdr: scale must be a finite number, not {scale}")
     if top_k is not None and not 0.0 < top_k <= 1.0:
         raise ValueError(f"hdr: top_k must be a fraction in (0, 1], not {top_k}")
-    prov = {"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k, "hdr_scope": scope}
     trimmed = harm if top_k is None or top_k >= 1.0 else harm.top_k(top_k, scope)
-    if isinstance(trimmed, _TopK) and scope == "global" and not _FORCE_RADIX:
-        tgt = target if isinstance(target, Checkpoint) else Checkpoint(target)
-        try:
-            return _hdr_one_pass(tgt, trimmed, out, scale=scale, overwrite=overwrite, progress=progress,
-                                 device=device, threads=threads, provenance=prov)
-        except _BracketMissed:
-            target = tgt  # fall through: the exact threshold first, then the edit
     return apply(target, trimmed, out, scale=-scale, overwrite=overwrite, progress=progress, device=device,
-                 threads=threads, provenance=prov)
+                 threads=threads,
+                 provenance={"method": "hdr", "hdr_scale": scale, "hdr_top_k": 1.0 if top_k is None else top_k,
+                             "hdr_scope": scope})
 
 
 _FORCE_RADIX = False  # tests compare the two paths
@@ -746,10 +756,11 @@ def _value_at(cum: torch.Tensor, b: torch.Tensor, rank: float) -> int:
     return int(b[min(i, len(b) - 1)])
 
 
-def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, scale: float, overwrite: bool,
-                  progress: bool, device: Any, threads: int | None, provenance: Mapping[str, Any]) -> Path:
-    """HDR with the exact global top-k in the edit's own pass (see :func:`hdr`): what
-    ``apply(tgt, top, scale=-scale)`` writes, byte for byte."""
+def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: float, overwrite: bool,
+                  progress: bool, device: torch.device, threads: int | None, provenance: Mapping[str, Any],
+                  sources: Sequence[Path]) -> Path:
+    """θ_tgt + c·topk(τ) with the exact global top-k found in the edit's own pass (see :func:`hdr`):
+    what the radix path writes, byte for byte. ``provenance``: apply's, whole."""
     from .files import SafetensorsFile, write_checkpoint
 
     harm = top.inner
@@ -763,7 +774,7 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, scal
     if window is None:
         raise _BracketMissed
     lo, hi = window
-    dev, c = _device(device), -scale
+    dev = device
     rank = {n: i for i, n in enumerate(sorted(harm.names))}
     undecided: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, flat index, bits, value)
     count = {"above": 0, "undecided": 0}
@@ -838,11 +849,8 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, scal
                 _patch(SafetensorsFile(tmp / tgt.where[name]), name, ix[pick], val[pick])
 
     try:
-        return write_checkpoint(tgt, out, None, {"method": "task_arithmetic", "target": str(tgt.path),
-                                                 "target_sha256": tgt.fingerprint(lazy=True), "scale": -scale,
-                                                 "vector": top._provenance, **provenance},
-                                overwrite=overwrite, sources=top.sources(), progress=progress, pieces=edit,
-                                threads=threads, before_commit=settle)
+        return write_checkpoint(tgt, out, None, provenance, overwrite=overwrite, sources=sources, progress=progress,
+                                pieces=edit, threads=threads, before_commit=settle)
     finally:
         undecided.clear()
 
