@@ -208,7 +208,7 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
     model = resolve(recipe.model)
     deltas = [d for d in (s.delta() for s in recipe.steps) if d is not None]
     bakes = [s.bake.edit for s in recipe.steps if s.bake is not None]
-    prov = {"method": "recipe", "recipe": recipe.model_dump(exclude_none=True), "inputs": _inputs(recipe, deltas)}
+    prov = {"method": "recipe", "recipe": recipe.model_dump(exclude_none=True), "inputs": _inputs(recipe, deltas, lazy=True)}
     total = None
     for d in deltas:
         total = d if total is None else total + d
@@ -220,9 +220,10 @@ def run(recipe: "Recipe | EvalRecipe | str | os.PathLike", *, out: str | None = 
     return _with_bakes(model, total, bakes, out, overwrite, prov, recipe.trust_remote_code, progress)
 
 
-def _inputs(recipe: "Recipe", deltas: list[TaskVector] | None = None) -> dict[str, str]:
+def _inputs(recipe: "Recipe", deltas: list[TaskVector] | None = None, lazy: bool = False) -> dict[str, str]:
     """A weight recipe's inputs (resolved: an ``organism:`` path names the build it is today) with
-    their fingerprints, as its output's provenance records them."""
+    their fingerprints, as its output's provenance records them (``lazy``: placeholders the writer
+    fills in, hashed from the bytes as the edit reads them; see :meth:`Checkpoint.fingerprint`)."""
     from .weights import Checkpoint
 
     if deltas is None:
@@ -233,7 +234,7 @@ def _inputs(recipe: "Recipe", deltas: list[TaskVector] | None = None) -> dict[st
     for p in dict.fromkeys(str(p) for p in paths):
         ck = Checkpoint(p)
         try:
-            out[p] = ck.fingerprint()
+            out[p] = ck.fingerprint(lazy=lazy)
         finally:
             ck.close()
     return out

@@ -1,10 +1,13 @@
 """Baked edits written as Hugging Face folders: loadable, with provenance, never over a source."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import steering as st
+from steering.weights import Checkpoint
 from steering.weights.bake import read_provenance, write_hf
 from steering.edits import Ablation, Addition
 from steering.vectors import SteeringVector
@@ -124,3 +127,31 @@ def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, tmp_path):
             bake_ablation_stream(edit, src, tmp_path / "x")
     with pytest.raises(ValueError, match="every layer"):
         bake_ablation_stream(Ablation(torch.randn(1, m.d_model), layers=(0,)), src, tmp_path / "x")
+
+
+def test_a_streamed_bake_plans_an_architecture_once(tmp_path, monkeypatch):
+    """The tensors a streamed bake edits come from a meta-device model built once per config and
+    cached; a second bake of the same architecture builds nothing and writes the same bytes."""
+    import transformers
+
+    from steering.weights.bake import bake_ablation_stream, stream_plan
+
+    monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    m0 = st.testing.tiny_model("llama")
+    m0.hf.to(torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
+    edit = Ablation(torch.randn(1, m0.d_model))
+    first = bake_ablation_stream(edit, src, tmp_path / "a")
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("built the model again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    second = bake_ablation_stream(edit, src, tmp_path / "b")
+    ck_a, ck_b = Checkpoint(first), Checkpoint(second)
+    assert all(torch.equal(ck_a.get(n), ck_b.get(n)) for n in ck_a.names)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1}))
+    with pytest.raises(AssertionError, match="built the model again"):  # another config: planned anew
+        stream_plan(src)

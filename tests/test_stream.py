@@ -197,4 +197,10 @@ def test_a_recipes_hdr_step_takes_the_one_pass_path(trio, tmp_path, monkeypatch)
                                      f"      harm: {{base: {base}, finetuned: {ft}}}\n      top_k: 0.2\n")
     out = run(tmp_path / "r.yaml", progress=False)
     assert calls == [1]
+    from steering.recipe import is_current, load_recipe
+    from steering.weights.bake import read_provenance
+
+    inputs = read_provenance(out)["inputs"]  # hashed while the edit read them, filled in at the end
+    assert {Path(k).name: v for k, v in inputs.items()} == {p.name: sha256_of(p) for p in (tgt, base, ft)}
+    assert is_current(load_recipe(tmp_path / "r.yaml"))
     assert tensor_bytes(out) == tensor_bytes(hdr(tgt, TaskVector.between(base, ft), tmp_path / "direct", top_k=0.2))

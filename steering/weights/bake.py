@@ -25,7 +25,8 @@ from torch import nn
 
 from ..io import atomic_folder
 from ..model import Model
-from .files import Checkpoint, check_output, model_card, numel, provenance_json, strip_remote_code, write_checkpoint
+from .files import (Checkpoint, check_output, model_card, numel, provenance_json, resolve_fingerprints, strip_remote_code,
+                    write_checkpoint)
 
 __all__ = ["write_hf", "read_provenance", "declare_new_biases", "check_output", "write_checkpoint"]
 
@@ -128,7 +129,7 @@ def _save_pretrained(model: Model, out: str | os.PathLike, prov: Mapping[str, An
     from safetensors.torch import load_file, save_file
 
     out = check_output(Path(out), sources, overwrite)
-    blob = provenance_json(prov)
+    blob = resolve_fingerprints(provenance_json(prov))  # placeholders of lazy fingerprints filled in
     with atomic_folder(out) as tmp:
         model.hf.save_pretrained(tmp)
         if model.tokenizer is not None:
@@ -177,6 +178,65 @@ def _in_pieces(t: torch.Tensor, dim: int, fn: Any) -> torch.Tensor:
     return out
 
 
+def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, Any]:
+    """What a streamed orthogonalisation of the model in ``folder`` edits, read from a model built
+    from its config on the meta device (no weights), through the architecture map the in-memory
+    bake uses: ``plan`` (tensor name → how, layout), ``d_model``, ``post_norm``, ``arch`` and
+    ``tied`` (the head's and embedding's names when they share a weight).
+
+    Cached under ``$STEERING_CACHE/plans`` by the config's bytes (and the model code's, with
+    ``trust_remote_code``) and the transformers and steering versions, so a later bake of the same
+    architecture skips importing transformers and building the model (about 3.5 s here)."""
+    import hashlib
+    import importlib.metadata
+
+    from .._version import __version__
+
+    folder = Path(folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    if trust_remote_code:
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    h.update(f"{importlib.metadata.version('transformers')} {__version__} {trust_remote_code}".encode())
+    cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "plans" / f"{h.hexdigest()[:32]}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    sm = Model(hf, None)
+    qual = {id(m): n for n, m in hf.named_modules()}
+
+    def name_of(owner: nn.Module, attr: str) -> str:
+        return f"{qual[id(owner)]}.{attr}" if qual[id(owner)] else attr
+
+    plan: dict[str, tuple[str, str]] = {}
+    if not sm.map.spec.post_norm:
+        for sw in sm.map.stream_writers():  # the walk Ablation.bake follows
+            if sw.layout is None:
+                plan[name_of(sw.owner, sw.attr)] = ("rows", "")
+                continue
+            plan[name_of(sw.owner, sw.attr)] = ("out", sw.layout)
+            if sw.bias is not None:
+                plan[name_of(sw.owner, "bias")] = ("rows", "")
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    tied = ([name_of(head, "weight"), name_of(emb, "weight")]
+            if head is not None and emb is not None and head.weight is emb.weight else None)
+    info = {"arch": sm.map.spec.name, "post_norm": bool(sm.map.spec.post_norm), "d_model": int(sm.d_model),
+            "plan": plan, "tied": tied}
+    from ..io import atomic_write
+
+    try:
+        atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(info)))
+    except OSError:
+        pass  # a read-only cache: build it again next time
+    return json.loads(json.dumps(info))
+
+
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                          provenance: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
                          progress: bool = False, sources: Iterable[str | os.PathLike] = (),
@@ -186,7 +246,8 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     :func:`write_hf` gives, at the memory of one tensor.
 
     The tensors to edit are found on a model built from the config on the meta device (no
-    weights), through the same architecture map the in-memory bake uses. A tied unembedding is
+    weights), through the same architecture map the in-memory bake uses (:func:`stream_plan`,
+    cached per architecture). A tied unembedding is
     untied: the original embedding is written as the head and the config says so. Refuses, naming
     the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead).
     Tensors it does not edit are copied piece by piece, rows of an embedding are projected piece by
@@ -194,8 +255,6 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     :func:`steering.weights.write_checkpoint`). ``device="cuda"`` projects on a GPU (its matrix
     products may round differently from the CPU's in the last bit)."""
     from .taskvec import _device
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ..arch import ArchitectureError
     from ..edits import ABLATION_SITES, Ablation, project_out, project_rows
 
@@ -206,38 +265,26 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     ck = Checkpoint(source)
     if ck.folder is None:
         raise ValueError(f"{source}: a streamed bake needs a model folder, not one file")
-    cfg = AutoConfig.from_pretrained(ck.folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    sm = Model(hf, None)
-    if sm.map.spec.post_norm:
-        raise ArchitectureError(f"{sm.map.spec.name}: sublayer outputs are normalised before they join the residual "
+    info = stream_plan(ck.folder, trust_remote_code)
+    if info["post_norm"]:
+        raise ArchitectureError(f"{info['arch']}: sublayer outputs are normalised before they join the residual "
                                 "stream, so no weight edit removes a direction exactly; use Ablation.hooks(model) instead")
-    if edit.basis.shape[1] != sm.d_model:
-        raise ValueError(f"ablation basis has d={edit.basis.shape[1]}, {ck.folder} has d_model={sm.d_model}")
-    qual = {id(m): n for n, m in hf.named_modules()}
-
-    def name_of(owner: nn.Module, attr: str) -> str:
-        return f"{qual[id(owner)]}.{attr}" if qual[id(owner)] else attr
-
-    plan: dict[str, tuple[str, str]] = {}  # tensor -> (how, layout)
-    for sw in sm.map.stream_writers():  # the walk Ablation.bake follows
-        if sw.layout is None:
-            plan[name_of(sw.owner, sw.attr)] = ("rows", "")
-            continue
-        plan[name_of(sw.owner, sw.attr)] = ("out", sw.layout)
-        if sw.bias is not None:
-            plan[name_of(sw.owner, "bias")] = ("rows", "")
+    if edit.basis.shape[1] != info["d_model"]:
+        raise ValueError(f"ablation basis has d={edit.basis.shape[1]}, {ck.folder} has d_model={info['d_model']}")
+    plan: dict[str, tuple[str, str]] = {n: (how, layout) for n, (how, layout) in info["plan"].items()}
     for n in plan:
         if n not in ck:
             raise NotStreamable(f"{n}: the model built from {ck.folder / 'config.json'} has this tensor but the checkpoint "
-                             "does not (its names differ); load the model and bake it instead")
+                                "does not (its names differ); load the model and bake it instead")
     extra: dict[str, torch.Tensor] = {}
-    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
-    if head is not None and emb is not None and head.weight is emb.weight:
-        head_name, emb_name = name_of(head, "weight"), name_of(emb, "weight")
+    cfg = None
+    if info["tied"] is not None:
+        head_name, emb_name = info["tied"]
         if head_name not in ck:  # tied: the head keeps the unedited embedding
+            from transformers import AutoConfig
+
             extra[head_name] = ck.get(emb_name)
+            cfg = AutoConfig.from_pretrained(ck.folder, trust_remote_code=trust_remote_code)
             cfg.tie_word_embeddings = False
             if hasattr(cfg, "get_text_config"):
                 cfg.get_text_config().tie_word_embeddings = False
@@ -260,7 +307,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),
             "base_sha256": ck.fingerprint(lazy=True), **dict(edit.meta), **(provenance or {})}
     return write_checkpoint(ck, out, None, prov, overwrite=overwrite, extra=extra, sources=sources,
-                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if extra else None, progress=progress,
+                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if cfg is not None else None, progress=progress,
                             keep_remote_code=trust_remote_code, pieces=tensor, threads=threads)
 
 

@@ -53,18 +53,23 @@ CODES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20
-PIECE = 2**20
-"""Entries per piece of streamed arithmetic: 2–4 MB read, 4 MB of float32 work, which stays in the
-cache (whole-tensor float32 temporaries ran about 20× slower here, measured in experiments/bench_stream.py)."""
+PIECE = 2**19
+"""Entries per piece of streamed arithmetic: 1–2 MB read, 2 MB of float32 work, which stays in the
+cache (whole-tensor float32 temporaries ran about 20× slower here; 2¹⁸ to 2²⁰ entries ran alike,
+and an edit holds about a dozen pieces, so the smaller half of that range)."""
 _AHEAD = 1  # pieces read ahead of the consumer
-_SPARE: list[torch.Tensor] = []  # read buffers between streams (reused: fresh memory is slow to fault in)
+HASH_SLACK = int(os.environ.get("STEERING_HASH_SLACK", "0"))
+READ_AHEAD = os.environ.get("STEERING_READ_AHEAD", "1") == "1"
+WRITE_BEHIND = os.environ.get("STEERING_WRITE_BEHIND", "1") == "1"
+_SPARE: list[torch.Tensor] = []  # byte buffers between uses, by size (reused: fresh memory is slow to fault in)
 _SPARE_LOCK = threading.Lock()
-_MAX_SPARE = 12
+_MAX_SPARE = 64  # never more than were in use at once
 
 
 def _take_buffers(count: int, nbytes: int) -> list[torch.Tensor]:
+    """``count`` byte buffers of at least ``nbytes``: the smallest spare ones that fit, else new."""
     with _SPARE_LOCK:
-        fit = [b for b in _SPARE if b.numel() >= nbytes][:count]
+        fit = [b for b in _SPARE if b.numel() >= nbytes][:count]  # _SPARE is sorted by size: best fit
         taken = {id(b) for b in fit}
         _SPARE[:] = [b for b in _SPARE if id(b) not in taken]  # by identity: == on tensors compares entries
     return fit + [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count - len(fit))]
@@ -75,6 +80,31 @@ def _give_back(bufs: list[torch.Tensor]) -> None:
         _SPARE.extend(bufs)
         _SPARE.sort(key=torch.Tensor.numel)
         del _SPARE[:max(0, len(_SPARE) - _MAX_SPARE)]  # the smallest go
+
+
+class work_buffers:
+    """``with work_buffers(n, dtypes, device) as (a, b, ...):`` one tensor of ``n`` entries per dtype,
+    from the reused byte buffers on the CPU (given back after the block; a generator holds them
+    until it is finished or closed). Elsewhere, fresh tensors (the device's allocator caches)."""
+
+    def __init__(self, n: int, dtypes: Iterable[torch.dtype], device: torch.device | str = "cpu"):
+        self.n, self.dtypes, self.device = n, list(dtypes), torch.device(device)
+        self.bases: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        if self.device.type != "cpu":
+            return [torch.empty(self.n, dtype=d, device=self.device) for d in self.dtypes]
+        out = []
+        for d in self.dtypes:
+            (b,) = _take_buffers(1, max(1, self.n * d.itemsize))
+            self.bases.append(b)
+            out.append(b[:self.n * d.itemsize].view(d))
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bases:
+            _give_back(self.bases)
+            self.bases = []
 
 
 def numel(shape: Iterable[int]) -> int:
@@ -216,7 +246,7 @@ class SafetensorsFile:
         count = -(-total // size)
         if count == 0:
             return
-        bufs = _take_buffers(_AHEAD + 1 + written, min(nbytes, total * dt.itemsize))
+        bufs = _take_buffers(_AHEAD + 1 + written + HASH_SLACK, min(nbytes, total * dt.itemsize))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-read")
 
@@ -230,6 +260,17 @@ class SafetensorsFile:
             hashing[j] = self._read(self.data_start + b + i * nbytes, buf.numpy(), name)
             return buf.view(dt)
 
+        if not READ_AHEAD:
+            ahead: deque = deque()
+            try:
+                for i in range(count):
+                    yield read(i)
+            finally:
+                for h in hashing:
+                    if h is not None:
+                        h.exception()
+                _give_back(bufs)
+            return
         ahead = deque(self._pool.submit(read, i) for i in range(min(_AHEAD, count)))
         try:
             for i in range(count):
@@ -405,6 +446,7 @@ class _SeqHash:
         self.h = hashlib.sha256()
         self.i, self.pos = 0, 0  # the next byte to hash: file i, offset pos
         self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="steering-hash")  # one a checkpoint: they hash side by side
 
     def feed(self, f: SafetensorsFile, offset: int, mv: memoryview) -> Future | None:
         """Hash the bytes ``mv`` read from ``offset`` of ``f`` if they are the next ones, in the
@@ -418,20 +460,20 @@ class _SeqHash:
                     return None
                 gap = bytearray(offset - self.pos)  # the header, or padding: small
                 f._read_raw(self.pos, gap)
-                _hasher().submit(self.h.update, gap)
+                self.pool.submit(self.h.update, gap)
                 self.pos = offset
             end = offset + len(mv)
             if end <= self.pos:
                 return None
-            job = _hasher().submit(self.h.update, mv[self.pos - offset:])  # FIFO: in order
+            job = self.pool.submit(self.h.update, mv[self.pos - offset:])  # FIFO: in order
             self.pos = end
             if self.pos >= self.files[self.i][1]:
                 self.i, self.pos = self.i + 1, 0
             return job
 
     def digest(self) -> str:
-        _hasher().submit(lambda: None).result()  # every fed piece hashed
         with self.lock:
+            self.pool.shutdown(wait=True)  # every fed piece hashed
             while self.i < len(self.files):
                 path, size, _ = self.files[self.i]
                 with open(path, "rb") as fh:
@@ -452,14 +494,6 @@ class _SeqHash:
 
 
 _RESOLVED: dict[str, str] = {}
-_HASHER: ThreadPoolExecutor | None = None
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="steering-hash")
-    return _HASHER
 
 
 def resolve_fingerprints(text: str) -> str:
@@ -544,10 +578,13 @@ class ShardWriter:
         if len(data) > self._left:
             raise ValueError(f"{name}: the edit returned more entries than the tensor holds")
         self._wait()
+        self._left -= len(data)
+        if not WRITE_BEHIND:
+            self._f.write(data)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-write")
         self._pending = self._pool.submit(self._f.write, data)
-        self._left -= len(data)
 
     def _wait(self) -> None:
         if self._pending is not None:

@@ -24,6 +24,7 @@ entries a stable full sort by descending magnitude would pick.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -266,11 +267,11 @@ class _Diff(TaskVector):
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
         size = min(files.PIECE, numel(self.shapes[name]))
-        buf, other = torch.empty(size, device=device), torch.empty(size, device=device)
-        for a, b in zip(self.ft.file(name).pieces(name), self.base.file(name).pieces(name)):
-            d, s = buf[:a.numel()], other[:a.numel()]
-            d.copy_(a)  # ft − base in float32: what _get computes (converting first is 3× faster than a mixed sub_)
-            yield d.sub_(s.copy_(b))
+        with files.work_buffers(size, [torch.float32] * 2, device) as (buf, other):
+            for a, b in zip(self.ft.file(name).pieces(name), self.base.file(name).pieces(name)):
+                d, s = buf[:a.numel()], other[:a.numel()]
+                d.copy_(a)  # ft − base in float32: what _get computes (converting first is 3× faster than a mixed sub_)
+                yield d.sub_(s.copy_(b))
 
     def read_order(self) -> list[str]:
         return _disk_order(self.base, self.names)
@@ -300,10 +301,10 @@ class _File(TaskVector):
         return self.ck.get(name).float()
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
-        buf = torch.empty(min(files.PIECE, numel(self.shapes[name])), device=device)
-        for a in self.ck.file(name).pieces(name):
-            d = buf[:a.numel()]
-            yield d.copy_(a)
+        with files.work_buffers(min(files.PIECE, numel(self.shapes[name])), [torch.float32], device) as (buf,):
+            for a in self.ck.file(name).pieces(name):
+                d = buf[:a.numel()]
+                yield d.copy_(a)
 
     def read_order(self) -> list[str]:
         return _disk_order(self.ck, self.names)
@@ -640,15 +641,17 @@ def _one_global_top_k(v: TaskVector) -> tuple[float, "_TopK"] | None:
 def _added(delta: Iterator[torch.Tensor], target: Iterator[torch.Tensor], dtype: torch.dtype,
            device: torch.device) -> Iterator[torch.Tensor]:
     """(δ + t) stored as ``dtype``, piece by piece: δ (float32) + t, rounded once, as ``t.float() + δ`` would be."""
-    outs: list[torch.Tensor] = []
-    scratch = None
-    for i, (d, t) in enumerate(zip(delta, target)):
-        if not outs:  # two, alternated: the writer may still be writing the last piece
-            outs = [torch.empty(d.numel(), dtype=dtype) for _ in range(2)]
-            scratch = torch.empty(d.numel(), device=device)
-        d.add_(scratch[:d.numel()].copy_(t))
-        o = outs[i % 2][:d.numel()]
-        yield o.copy_(d)
+    pieces = zip(delta, target)
+    first = next(pieces, None)
+    if first is None:
+        return
+    n = first[0].numel()
+    # two outputs, alternated: the writer may still be writing the last piece
+    with files.work_buffers(n, [dtype, dtype], "cpu") as outs, files.work_buffers(n, [torch.float32], device) as (scratch,):
+        for i, (d, t) in enumerate(itertools.chain([first], pieces)):
+            d.add_(scratch[:d.numel()].copy_(t))
+            o = outs[i % 2][:d.numel()]
+            yield o.copy_(d)
 
 
 def _device(device: torch.device | str | None) -> torch.device:
@@ -695,7 +698,8 @@ def hdr(target: str | os.PathLike | Checkpoint, harm: TaskVector, out: str | os.
 
 
 _FORCE_RADIX = False  # tests compare the two paths
-_SAMPLE, _BLOCK, _GROUPS = 2**20, 64, 32
+_SAMPLE: int | None = None  # entries sampled; None: n^(2/3) (see _bracket)
+_BLOCK, _GROUPS = 64, 32
 
 
 class _BracketMissed(Exception):
@@ -704,11 +708,15 @@ class _BracketMissed(Exception):
 
 def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
     """Float32 bit patterns ``(lo, hi)`` of |τ| that bracket its k-th largest magnitude, from a
-    seeded sample of blocks of every tensor (weighted by the tensor's share). The bracket is
+    seeded sample of blocks of 64 entries of every tensor (n^(2/3) entries in all, weighted by the
+    tensor's share). The bracket is
     ±8 standard errors of the count above the estimate (measured from 16 disjoint groups of
     blocks, so correlated blocks widen it), at least ±4√k entries; None when τ cannot be sampled
     or the bracket is expected to hold more than ``cap`` entries."""
     total = v.numel
+    # The sample costs ~40 bytes an entry and the bracket ~16 bytes per undecided entry, about
+    # 16·n·√(q(1−q)/S) of them: S = n^(2/3) keeps the sum least (16 MB at 50M entries, ~120 MB at 1.1B).
+    sample = _SAMPLE or int(min(2**24, max(2**14, total ** (2 / 3))))
     bits, weights, groups = [], [], []
     g = torch.Generator().manual_seed(0)
     try:
@@ -717,7 +725,7 @@ def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
             if m == 0:
                 continue
             length = min(_BLOCK, m)
-            count = max(1, min(m // length, math.ceil(m * min(1.0, _SAMPLE / total) / length)))
+            count = max(1, min(m // length, math.ceil(m * min(1.0, sample / total) / length)))
             starts = torch.randint(0, m - length + 1, (count,), generator=g).sort().values.tolist()
             x = v.sample(n, starts, length)
             bits.append(_bits(x, n, out=x))
@@ -785,25 +793,31 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
         return run(name, f)
 
     def run(name: str, f: Any) -> Iterator[torch.Tensor]:
-        dtype, outs, at = f.dtype(name), [], 0
+        dtype, at = f.dtype(name), 0
+        size = min(files.PIECE, numel(harm.shapes[name]))
+        with files.work_buffers(size, [dtype, dtype], "cpu") as outs, \
+                files.work_buffers(size, [torch.float32] + [torch.int32] * 2, dev) as (scratch, ibits, above):
+            yield from run_in(name, f, dtype, at, outs, scratch, ibits, above)
+
+    def run_in(name: str, f: Any, dtype: torch.dtype, at: int, outs: list[torch.Tensor], scratch: torch.Tensor,
+               ibits: torch.Tensor, above: torch.Tensor) -> Iterator[torch.Tensor]:
+        # integer masks from the bit patterns: several times faster than bool masks here
         for i, (d, t) in enumerate(zip(harm.pieces(name, dev), f.pieces(name))):
             n = d.numel()
-            if not outs:  # integer masks from the bit patterns: several times faster than bool masks here
-                outs = [torch.empty(n, dtype=dtype) for _ in range(2)]
-                scratch, ibits, above, inside = (torch.empty(n, device=dev),
-                                                 *(torch.empty(n, dtype=torch.int32, device=dev) for _ in range(3)))
             tf = scratch[:n].copy_(t)
             bits = _bits(d, name, out=ibits)
             keep = torch.sub(hi, bits, out=above[:n]).bitwise_right_shift_(31)  # −1 where |τ| > hi, else 0
             count["above"] += int(torch.count_nonzero(keep))
             if lo == hi:  # the bracket is one value (16-bit weights' differences tie often)
                 und = torch.eq(bits, lo)
-            else:
-                und = torch.sub(lo - 1, bits, out=inside[:n]).bitwise_right_shift_(31).sub_(keep)  # −1 where lo ≤ |τ| ≤ hi
+            else:  # −1 where lo ≤ |τ| ≤ hi, written over the bit patterns (read again from d below)
+                und = torch.sub(lo - 1, bits, out=bits).bitwise_right_shift_(31).sub_(keep)
             if int(torch.count_nonzero(und)):  # decided after the pass: its value if kept, computed as the kept ones are
                 idx = und.nonzero().squeeze(1)
                 val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
-                undecided.append((rank[name], (idx + at).to("cpu"), bits[idx].to("cpu"), val))
+                mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
+                flat = (idx + at).to("cpu")
+                undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
                 count["undecided"] += len(idx)
                 if count["undecided"] > 2 * cap:
                     raise _BracketMissed
@@ -863,7 +877,7 @@ def _patch(f: Any, name: str, flat: torch.Tensor, values: torch.Tensor) -> None:
     raw = values.view(torch.uint8).reshape(-1, size)
     window = 2**22
     with open(f.path, "r+b") as fh:
-        pos = f.data_start + b + flat * size
+        pos = f.data_start + b + flat.long() * size
         first = pos // window
         for w in torch.unique_consecutive(first).tolist():
             sel = (first == w).nonzero().squeeze(1)
