@@ -756,11 +756,11 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
             w = ShardWriter(tmp / shard, layout, meta)
             try:
                 for n in names:
-                    if pieces is not None:
+                    if pieces is not None:  # pieces come from reused buffers: nothing to hand back
                         _write_pieces(w, n, f, pieces(n, f))
                     else:
                         _write_whole(w, n, f, tensor)
-                    release_memory()
+                        release_memory()
                     bar.update()
                 for n in new:
                     w.write(n, extra[n])
