@@ -204,3 +204,18 @@ def test_a_recipes_hdr_step_takes_the_one_pass_path(trio, tmp_path, monkeypatch)
     assert {Path(k).name: v for k, v in inputs.items()} == {p.name: sha256_of(p) for p in (tgt, base, ft)}
     assert is_current(load_recipe(tmp_path / "r.yaml"))
     assert tensor_bytes(out) == tensor_bytes(hdr(tgt, TaskVector.between(base, ft), tmp_path / "direct", top_k=0.2))
+
+
+def test_ties_and_dare_applied_in_pieces_are_what_their_tensors_say(trio, tmp_path, monkeypatch):
+    from steering.weights.taskvec import ties
+
+    base, ft, tgt = trio
+    monkeypatch.setattr(files, "PIECE", 41)
+    merged = 0.5 * ties([TaskVector.between(base, ft), TaskVector.between(base, tgt)], top_k=0.3)
+    dared = TaskVector.between(base, ft).dare(0.5, seed=1)
+    for name, v in (("ties", merged), ("dare", dared)):
+        out = Checkpoint(apply(base, v, tmp_path / name))
+        src = Checkpoint(base)
+        for n in v.names:
+            want = v.get(n).add_(src.get(n)).to(src.dtype(n))
+            assert torch.equal(out.get(n), want), (name, n)

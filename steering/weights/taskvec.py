@@ -566,12 +566,19 @@ class _Ties(TaskVector):
         return self._majority
 
     def _get(self, name: str) -> torch.Tensor:
-        ts = torch.stack([v.get(name) for v in self.trimmed])
+        return self._merge(torch.stack([v.get(name) for v in self.trimmed]))
+
+    def _merge(self, ts: torch.Tensor) -> torch.Tensor:
         sign = torch.sign(ts.sum(0))
         sign = torch.where(sign == 0, torch.full_like(sign, self.majority()), sign)
         agree = torch.where(sign > 0, ts > 0, ts < 0)
         kept = ts * agree
         return kept.sum(0) / agree.sum(0).clamp(min=1)
+
+    def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
+        self.majority()  # a pass of its own, before this tensor's
+        for parts in zip(*(v.pieces(name, device) for v in self.trimmed)):  # entry by entry: the same values as _get
+            yield self._merge(torch.stack(parts))
 
     def sources(self) -> list[Path]:
         return [s for v in self.trimmed for s in v.sources()]
