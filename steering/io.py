@@ -80,7 +80,8 @@ def _prefix(path: Path, kind: str = "tmp") -> str:
     return f".{path.name}.{kind}-{os.getpid()}-"
 
 
-def _fsync_file(path: str | os.PathLike) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path`` (a file or folder) to disk; errors are ignored (a file system without fsync)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -92,8 +93,8 @@ def _fsync_file(path: str | os.PathLike) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync_file(os.path.join(dirpath, f))
-        _fsync_file(dirpath)
+            fsync_file(os.path.join(dirpath, f))
+        fsync_file(dirpath)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
@@ -105,9 +106,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_file(path.parent)
+        fsync_file(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -134,7 +135,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
                 old.rmdir()
                 os.replace(out, old)  # a kill from here to the next line leaves the old output aside,
             os.replace(tmp, out)      # and the next run into ``out`` puts it back (clean_stale)
-        _fsync_file(out.parent)
+        fsync_file(out.parent)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)

@@ -219,3 +219,23 @@ def test_ties_and_dare_applied_in_pieces_are_what_their_tensors_say(trio, tmp_pa
         for n in v.names:
             want = v.get(n).add_(src.get(n)).to(src.dtype(n))
             assert torch.equal(out.get(n), want), (name, n)
+
+
+def test_placeholders_are_never_reused(trio, monkeypatch):
+    base, ft, _ = trio
+    monkeypatch.setattr(files, "_FINGERPRINTS", {})
+    a = Checkpoint(base).fingerprint(lazy=True)
+    assert files.resolve_fingerprints(a) == sha256_of(base)
+    b = Checkpoint(ft).fingerprint(lazy=True)  # a new placeholder after the first was filled in
+    assert a != b and files.resolve_fingerprints(a) == sha256_of(base) and files.resolve_fingerprints(b) == sha256_of(ft)
+
+
+@pytest.mark.parametrize("frac", [0.001, 0.5])
+def test_nan_in_the_harm_vector_is_one_error_and_leaves_nothing(tmp_path, frac):
+    w = weights(0, tied=False)
+    bad = {n: t.clone() for n, t in w.items()}
+    bad["layers.0.w"].view(-1)[7] = float("nan")
+    base, ft = save_sharded(w, tmp_path / "base", 2), save_sharded(bad, tmp_path / "ft", 2)
+    with pytest.raises(ValueError, match="layers.0.w.*NaN"):
+        hdr(base, TaskVector.between(base, ft), tmp_path / "out", top_k=frac)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]

@@ -254,7 +254,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     piece, and the reads, hashing and writes run beside the arithmetic (``threads``: see
     :func:`steering.weights.write_checkpoint`). ``device="cuda"`` projects on a GPU (its matrix
     products may round differently from the CPU's in the last bit)."""
-    from .taskvec import _device
+    from .taskvec import work_device
     from ..arch import ArchitectureError
     from ..edits import ABLATION_SITES, Ablation, project_out, project_rows
 
@@ -288,7 +288,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
             cfg.tie_word_embeddings = False
             if hasattr(cfg, "get_text_config"):
                 cfg.get_text_config().tie_word_embeddings = False
-    dev = _device(device)
+    dev = work_device(device)
     q = edit.basis.detach().to(dev)
 
     def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
@@ -339,9 +339,9 @@ def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[s
                 log(f"cannot stream ({e}); loading the model")
     named = isinstance(model, (str, os.PathLike))
     if device is not None:
-        from .taskvec import _device
+        from .taskvec import work_device
 
-        _device(device)  # one that is not there is an error before anything loads
+        work_device(device)  # one that is not there is an error before anything loads
     baked = edit.bake(load(model, trust_remote_code=trust_remote_code, device=device) if named else as_model(model))
     srcs = [model, *sources] if named else list(sources)
     return write_hf(baked, out, {"method": "bake", **provenance}, overwrite=overwrite, sources=srcs,

@@ -30,6 +30,7 @@ Pickled weights (``.bin``, ``.pt``) are never read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -420,6 +421,7 @@ _PENDING: dict[tuple, "_SeqHash"] = {}  # checkpoint -> its hash in progress
 _FEEDERS: dict[tuple[str, int, int], "_SeqHash"] = {}  # file -> the pending hash its bytes feed
 _HASH_LOCK = threading.Lock()
 _TOKEN = "sha256-pending-"
+_TOKENS = itertools.count()
 
 
 def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
@@ -442,7 +444,7 @@ class _SeqHash:
 
     def __init__(self, files: tuple[tuple[str, int, int], ...]):
         self.files = files
-        self.token = f"{_TOKEN}{len(_PENDING):049d}"  # 64 characters, like the digest it stands for
+        self.token = f"{_TOKEN}{next(_TOKENS):049d}"  # 64 characters, like the digest it stands for; never reused
         self.h = hashlib.sha256()
         self.i, self.pos = 0, 0  # the next byte to hash: file i, offset pos
         self.lock = threading.Lock()
@@ -729,7 +731,7 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
     for the guarantees."""
     from tqdm.auto import tqdm
 
-    from ..io import _fsync_file, atomic_folder
+    from ..io import fsync_file, atomic_folder
 
     if source.folder is None:
         raise ValueError(f"{source.path}: a checkpoint to write from must be a model folder, not one file")
@@ -772,7 +774,7 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                 raise
             w.close()
             writers.append(w)
-            syncs.submit(_fsync_file, w.path)  # overlapped with the next shard's work
+            syncs.submit(fsync_file, w.path)  # overlapped with the next shard's work
             total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
         syncs.shutdown(wait=True)
         if before_commit is not None:

@@ -71,7 +71,7 @@ class TaskVector:
         ever holding the tensor whole. A piece may be changed in place; it is valid until the next."""
         if name not in self.shapes:
             raise KeyError(f"task vector has no tensor {name!r}")
-        return self._pieces(name, _device(device))
+        return self._pieces(name, work_device(device))
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
         flat = self._get(name).reshape(-1).to(device)  # the default: computed whole, handed out in pieces
@@ -615,7 +615,7 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
             raise ValueError(f"{n}: is {tgt.dtype(n)} in the target {tgt.path}, not floating")
     if not math.isfinite(scale):
         raise ValueError(f"apply: scale must be a finite number, not {scale}")
-    dev = _device(device)
+    dev = work_device(device)
     v = vector if scale == 1.0 else scale * vector
 
     def edit(name: str, f: Any) -> Iterator[torch.Tensor] | None:
@@ -661,7 +661,7 @@ def _added(delta: Iterator[torch.Tensor], target: Iterator[torch.Tensor], dtype:
             yield o.copy_(d)
 
 
-def _device(device: torch.device | str | None) -> torch.device:
+def work_device(device: torch.device | str | None) -> torch.device:
     """The device weight arithmetic runs on: the CPU unless told; one that is not there is an error."""
     dev = torch.device("cpu" if device is None else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -822,6 +822,9 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
             if int(torch.count_nonzero(und)):  # decided after the pass: its value if kept, computed as the kept ones are
                 idx = und.nonzero().squeeze(1)
                 val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
+                if not files.finite(val):  # these bypass the writer's check
+                    raise ValueError(f"{name}: the edit made NaN or infinite values (check the edit's scale and "
+                                     "vectors, and that its inputs hold finite values)")
                 mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
                 flat = (idx + at).to("cpu")
                 undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
