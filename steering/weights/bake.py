@@ -185,7 +185,7 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
     ``tied`` (the head's and embedding's names when they share a weight).
 
     Cached under ``$STEERING_CACHE/plans`` by the config's bytes (and the model code's, with
-    ``trust_remote_code``) and the transformers and steering versions, so a later bake of the same
+    ``trust_remote_code``), the architecture map's and the transformers and steering versions, so a later bake of the same
     architecture skips importing transformers and building the model (about 3.5 s here)."""
     import hashlib
     import importlib.metadata
@@ -198,11 +198,16 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
         for f in sorted(folder.glob("*.py")):
             h.update(f.name.encode() + f.read_bytes())
     h.update(f"{importlib.metadata.version('transformers')} {__version__} {trust_remote_code}".encode())
+    here = Path(__file__).resolve().parents[1]
+    for f in (here / "arch.py", here / "architectures.json"):  # the architecture map itself
+        h.update(f.read_bytes())
     cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "plans" / f"{h.hexdigest()[:32]}.json"
     try:
-        return json.loads(cache.read_text())
+        info = json.loads(cache.read_text())
+        if isinstance(info, dict) and set(info) == {"arch", "post_norm", "d_model", "plan", "tied"}:
+            return info
     except (OSError, ValueError):
-        pass
+        pass  # none yet, or unreadable: planned again
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
