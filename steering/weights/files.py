@@ -558,6 +558,7 @@ class ShardWriter:
             raise ValueError(f"{name}: the edit returned {tensor.dtype} {tuple(tensor.shape)}, "
                              f"the checkpoint holds {dtype} {tuple(shape)}")
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._wait()  # a piece still being written goes first
         if t.numel():
             self._f.write(t.view(torch.uint8).numpy().data)
         self._next += 1
