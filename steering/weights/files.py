@@ -1,4 +1,4 @@
-"""Safetensors checkpoints read and written one tensor at a time.
+"""Safetensors checkpoints read and written a piece (or a tensor) at a time.
 
 Edits of weights (task vectors, HDR, baked activation edits) must work on checkpoints far larger
 than memory, so nothing here holds more than one tensor of a checkpoint at once:

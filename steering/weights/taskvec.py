@@ -1,17 +1,19 @@
-"""Task vectors τ = θ_finetuned − θ_base, computed one tensor at a time, and Harm Direction Removal.
+"""Task vectors τ = θ_finetuned − θ_base, computed a piece at a time, and Harm Direction Removal.
 
 A :class:`TaskVector` is lazy: it knows its tensors' names and shapes, and computes one tensor
-(in float32) when asked. Arithmetic (``a + b``, ``a - b``, ``-a``, ``2 * a``), sparsification
+(:meth:`TaskVector.get`) or its consecutive pieces (:meth:`TaskVector.pieces`, float32) when
+asked. Arithmetic (``a + b``, ``a - b``, ``-a``, ``2 * a``), sparsification
 (:meth:`TaskVector.top_k`, per tensor or the *exact* global top-k over the whole model) and DARE
 build new lazy vectors; :func:`ties` merges several. Nothing ever holds two models, or even two
 whole tensors sets, in memory: applying a vector to a checkpoint (:func:`apply`, :func:`hdr`)
-streams it tensor by tensor into an edited checkpoint through :func:`steering.weights.write_checkpoint`.
+streams it piece by piece into an edited checkpoint through :func:`steering.weights.write_checkpoint`.
 
 Recipes: task arithmetic (Ilharco et al.), TIES (trim, elect sign, disjoint mean),
 DARE (drop and rescale) and Safety Arithmetic's HDR, θ_safe = θ_target − λ·topk(τ_H) with
-τ_H = θ_harmful − θ_base (λ = 3, k = 10% global in the paper). Unlike that paper's code, the
-global threshold is found with a two-pass radix select over float32 bit patterns while holding
-one tensor at a time (their code runs one ``kthvalue`` over all 6.7 billion values).
+τ_H = θ_harmful − θ_base (λ = 3, k = 10% global in the paper). Unlike that paper's code (one
+``kthvalue`` over all 6.7 billion values at once), the global threshold is found in the edit's own
+pass, from a sampled bracket settled after it (:func:`hdr`), or else by a two-pass radix select
+over float32 bit patterns (:class:`Threshold`); both hold a few pieces at a time.
 
 Ties at the threshold are broken deterministically: entries strictly above it are kept, then
 entries equal to it in order of (tensor name, flat index) until exactly k are kept — the same
