@@ -59,9 +59,6 @@ PIECE = 2**19
 cache (whole-tensor float32 temporaries ran about 20× slower here; 2¹⁸ to 2²⁰ entries ran alike,
 and an edit holds about a dozen pieces, so the smaller half of that range)."""
 _AHEAD = 1  # pieces read ahead of the consumer
-HASH_SLACK = int(os.environ.get("STEERING_HASH_SLACK", "0"))
-READ_AHEAD = os.environ.get("STEERING_READ_AHEAD", "1") == "1"
-WRITE_BEHIND = os.environ.get("STEERING_WRITE_BEHIND", "1") == "1"
 _SPARE: list[torch.Tensor] = []  # byte buffers between uses, by size (reused: fresh memory is slow to fault in)
 _SPARE_LOCK = threading.Lock()
 _MAX_SPARE = 64  # never more than were in use at once
@@ -247,7 +244,7 @@ class SafetensorsFile:
         count = -(-total // size)
         if count == 0:
             return
-        bufs = _take_buffers(_AHEAD + 1 + written + HASH_SLACK, min(nbytes, total * dt.itemsize))
+        bufs = _take_buffers(_AHEAD + 1 + written, min(nbytes, total * dt.itemsize))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-read")
 
@@ -261,17 +258,6 @@ class SafetensorsFile:
             hashing[j] = self._read(self.data_start + b + i * nbytes, buf.numpy(), name)
             return buf.view(dt)
 
-        if not READ_AHEAD:
-            ahead: deque = deque()
-            try:
-                for i in range(count):
-                    yield read(i)
-            finally:
-                for h in hashing:
-                    if h is not None:
-                        h.exception()
-                _give_back(bufs)
-            return
         ahead = deque(self._pool.submit(read, i) for i in range(min(_AHEAD, count)))
         try:
             for i in range(count):
@@ -286,10 +272,6 @@ class SafetensorsFile:
                 if h is not None:
                     h.exception()
             _give_back(bufs)
-
-    def offset_order(self) -> list[str]:
-        """Tensor names in the order their bytes lie in the file."""
-        return sorted(self.entries, key=lambda n: self.entries[n][2])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -582,9 +564,6 @@ class ShardWriter:
             raise ValueError(f"{name}: the edit returned more entries than the tensor holds")
         self._wait()
         self._left -= len(data)
-        if not WRITE_BEHIND:
-            self._f.write(data)
-            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-write")
         self._pending = self._pool.submit(self._f.write, data)

@@ -26,7 +26,6 @@ entries a stable full sort by descending magnitude would pick.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import re
@@ -76,9 +75,7 @@ class TaskVector:
         return self._pieces(name, work_device(device))
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
-        flat = self._get(name).reshape(-1).to(device)  # the default: computed whole, handed out in pieces
-        for i in range(0, flat.numel(), files.PIECE):
-            yield flat[i:i + files.PIECE]
+        yield from _flat_pieces(self._get(name).to(device))  # the default: computed whole, handed out in pieces
 
     def read_order(self) -> list[str]:
         """The names in the order the inputs' bytes lie on disk (passes over the vector go this way,
@@ -213,7 +210,7 @@ class TaskVector:
                 for n in self.names:
                     w.begin(n)
                     for t in self.pieces(n):
-                        if not bool(torch.isfinite(t).all()):
+                        if not files.finite(t):
                             raise ValueError(f"{n}: the task vector holds NaN or infinite values")
                         w.write_piece(t.to(dtype, copy=True))  # its own memory: written in the background
                     w.end()
@@ -357,8 +354,7 @@ class _Sum(TaskVector):
             yield out
 
     def read_order(self) -> list[str]:
-        order = list(dict.fromkeys(n for _, v in self.terms for n in v.read_order()))
-        return order
+        return list(dict.fromkeys(n for _, v in self.terms for n in v.read_order()))
 
     def sample(self, name: str, starts: Sequence[int], length: int) -> torch.Tensor:
         out = None
@@ -431,6 +427,7 @@ class Threshold:
 
     def __init__(self, pieces: Callable[[str], Iterable[torch.Tensor]], names: Sequence[str], k: int):
         self.k = k
+        self._scratch: torch.Tensor | None = None  # keep()'s bit patterns
         if k == 0:
             self.value_bits, self.above, self.ties_before, self.keep_ties = 2**31 - 1, 0, {n: 0 for n in names}, 0
             return
@@ -479,12 +476,11 @@ class Threshold:
         for n in sorted(names):
             self.ties_before[n] = run
             run += ties[n]
-        self._scratch: torch.Tensor | None = None
 
     def keep(self, name: str, t: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:
         """The entries of a piece of ``name`` to keep, given the ties at the threshold its earlier
         pieces held (``seen``); returns the mask and the ties in this piece."""
-        scratch = getattr(self, "_scratch", None)
+        scratch = self._scratch
         if scratch is None or scratch.numel() < t.numel() or scratch.device != t.device:
             scratch = self._scratch = torch.empty(t.numel(), dtype=torch.int32, device=t.device)
         bits = _bits(t, name, out=scratch)
@@ -623,7 +619,7 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
     def edit(name: str, f: Any) -> Iterator[torch.Tensor] | None:
         if name not in v:
             return None
-        return _added(v.pieces(name, dev), f.pieces(name), f.dtype(name), dev)
+        return _added(v.pieces(name, dev), f.pieces(name), f.dtype(name), dev, min(files.PIECE, numel(f.shape(name))))
 
     prov = {"method": "task_arithmetic", "target": str(tgt.path), "target_sha256": tgt.fingerprint(lazy=True),
             "scale": scale, "vector": vector._provenance, **(provenance or {})}
@@ -648,16 +644,12 @@ def _one_global_top_k(v: TaskVector) -> tuple[float, "_TopK"] | None:
 
 
 def _added(delta: Iterator[torch.Tensor], target: Iterator[torch.Tensor], dtype: torch.dtype,
-           device: torch.device) -> Iterator[torch.Tensor]:
-    """(δ + t) stored as ``dtype``, piece by piece: δ (float32) + t, rounded once, as ``t.float() + δ`` would be."""
-    pieces = zip(delta, target)
-    first = next(pieces, None)
-    if first is None:
-        return
-    n = first[0].numel()
+           device: torch.device, size: int) -> Iterator[torch.Tensor]:
+    """(δ + t) stored as ``dtype``, piece by piece (of at most ``size`` entries): δ (float32) + t,
+    rounded once, as ``t.float() + δ`` would be."""
     # two outputs, alternated: the writer may still be writing the last piece
-    with files.work_buffers(n, [dtype, dtype], "cpu") as outs, files.work_buffers(n, [torch.float32], device) as (scratch,):
-        for i, (d, t) in enumerate(itertools.chain([first], pieces)):
+    with files.work_buffers(size, [dtype, dtype], "cpu") as outs, files.work_buffers(size, [torch.float32], device) as (scratch,):
+        for i, (d, t) in enumerate(zip(delta, target)):
             d.add_(scratch[:d.numel()].copy_(t))
             o = outs[i % 2][:d.numel()]
             yield o.copy_(d)
@@ -718,13 +710,13 @@ class _BracketMissed(Exception):
 def _bracket(v: TaskVector, k: int, cap: int) -> tuple[int, int] | None:
     """Float32 bit patterns ``(lo, hi)`` of |τ| that bracket its k-th largest magnitude, from a
     seeded sample of blocks of 64 entries of every tensor (n^(2/3) entries in all, weighted by the
-    tensor's share). The bracket is
-    ±8 standard errors of the count above the estimate (measured from 16 disjoint groups of
-    blocks, so correlated blocks widen it), at least ±4√k entries; None when τ cannot be sampled
+    tensor's share). The bracket is ±8 standard errors of the count above the estimate (measured
+    from 32 disjoint groups of blocks, so correlated blocks widen it), at least ±4√k entries; None when τ cannot be sampled
     or the bracket is expected to hold more than ``cap`` entries."""
     total = v.numel
-    # The sample costs ~40 bytes an entry and the bracket ~16 bytes per undecided entry, about
-    # 16·n·√(q(1−q)/S) of them: S = n^(2/3) keeps the sum least (16 MB at 50M entries, ~120 MB at 1.1B).
+    # The sample costs ~40 bytes an entry, the bracket ~16 bytes per undecided entry, of which there
+    # are about 16·n·√(q(1−q)/S): S = n^(2/3) keeps both small (a few MB to ~50 MB each at 50M–1.1B
+    # entries; the sample is freed before the pass that holds the bracket).
     sample = _SAMPLE or int(min(2**24, max(2**14, total ** (2 / 3))))
     bits, weights, groups = [], [], []
     g = torch.Generator().manual_seed(0)
@@ -806,37 +798,33 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
         size = min(files.PIECE, numel(harm.shapes[name]))
         with files.work_buffers(size, [dtype, dtype], "cpu") as outs, \
                 files.work_buffers(size, [torch.float32] + [torch.int32] * 2, dev) as (scratch, ibits, above):
-            yield from run_in(name, f, dtype, at, outs, scratch, ibits, above)
-
-    def run_in(name: str, f: Any, dtype: torch.dtype, at: int, outs: list[torch.Tensor], scratch: torch.Tensor,
-               ibits: torch.Tensor, above: torch.Tensor) -> Iterator[torch.Tensor]:
-        # integer masks from the bit patterns: several times faster than bool masks here
-        for i, (d, t) in enumerate(zip(harm.pieces(name, dev), f.pieces(name))):
-            n = d.numel()
-            tf = scratch[:n].copy_(t)
-            bits = _bits(d, name, out=ibits)
-            keep = torch.sub(hi, bits, out=above[:n]).bitwise_right_shift_(31)  # −1 where |τ| > hi, else 0
-            count["above"] += int(torch.count_nonzero(keep))
-            if lo == hi:  # the bracket is one value (16-bit weights' differences tie often)
-                und = torch.eq(bits, lo)
-            else:  # −1 where lo ≤ |τ| ≤ hi, written over the bit patterns (read again from d below)
-                und = torch.sub(lo - 1, bits, out=bits).bitwise_right_shift_(31).sub_(keep)
-            if int(torch.count_nonzero(und)):  # decided after the pass: its value if kept, computed as the kept ones are
-                idx = und.nonzero().squeeze(1)
-                val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
-                if not files.finite(val):  # these bypass the writer's check
-                    raise ValueError(f"{name}: the edit made NaN or infinite values (check the edit's scale and "
-                                     "vectors, and that its inputs hold finite values)")
-                mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
-                flat = (idx + at).to("cpu")
-                undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
-                count["undecided"] += len(idx)
-                if count["undecided"] > 2 * cap:
-                    raise _BracketMissed
-            d.view(torch.int32).bitwise_and_(keep)  # the entries not kept become +0.0, as masked_fill_ makes them
-            d.mul_(c).add_(tf)  # the edit as apply() makes it
-            yield outs[i % 2][:n].copy_(d)
-            at += n
+            # integer masks from the bit patterns: several times faster than bool masks here
+            for i, (d, t) in enumerate(zip(harm.pieces(name, dev), f.pieces(name))):
+                n = d.numel()
+                tf = scratch[:n].copy_(t)
+                bits = _bits(d, name, out=ibits)
+                keep = torch.sub(hi, bits, out=above[:n]).bitwise_right_shift_(31)  # −1 where |τ| > hi, else 0
+                count["above"] += int(torch.count_nonzero(keep))
+                if lo == hi:  # the bracket is one value (16-bit weights' differences tie often)
+                    und = torch.eq(bits, lo)
+                else:  # −1 where lo ≤ |τ| ≤ hi, written over the bit patterns (read again from d below)
+                    und = torch.sub(lo - 1, bits, out=bits).bitwise_right_shift_(31).sub_(keep)
+                if int(torch.count_nonzero(und)):  # decided after the pass: its value if kept, computed as the kept ones are
+                    idx = und.nonzero().squeeze(1)
+                    val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
+                    if not files.finite(val):  # these bypass the writer's check
+                        raise ValueError(f"{name}: the edit made NaN or infinite values (check the edit's scale and "
+                                         "vectors, and that its inputs hold finite values)")
+                    mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
+                    flat = (idx + at).to("cpu")
+                    undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
+                    count["undecided"] += len(idx)
+                    if count["undecided"] > 2 * cap:
+                        raise _BracketMissed
+                d.view(torch.int32).bitwise_and_(keep)  # the entries not kept become +0.0, as masked_fill_ makes them
+                d.mul_(c).add_(tf)  # the edit as apply() makes it
+                yield outs[i % 2][:n].copy_(d)
+                at += n
 
     def settle(tmp: Path) -> None:
         need = k - count["above"]
