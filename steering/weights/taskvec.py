@@ -626,7 +626,7 @@ def apply(target: str | os.PathLike | Checkpoint, vector: TaskVector, out: str |
     one = _one_global_top_k(v)
     if one is not None and not _FORCE_RADIX:  # c·topk(τ): the threshold found in the edit's own pass
         try:
-            return _hdr_one_pass(tgt, one[1], out, c=one[0], overwrite=overwrite, progress=progress, device=dev,
+            return _hdr_one_pass(tgt, one[1], out, c=one[0], overwrite=overwrite, progress=progress, dev=dev,
                                  threads=threads, provenance=prov, sources=vector.sources())
         except _BracketMissed:
             pass  # the exact threshold first (radix select), then the edit: the same bytes
@@ -766,24 +766,20 @@ def _value_at(cum: torch.Tensor, b: torch.Tensor, rank: float) -> int:
 
 
 def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: float, overwrite: bool,
-                  progress: bool, device: torch.device, threads: int | None, provenance: Mapping[str, Any],
+                  progress: bool, dev: torch.device, threads: int | None, provenance: Mapping[str, Any],
                   sources: Sequence[Path]) -> Path:
     """θ_tgt + c·topk(τ) with the exact global top-k found in the edit's own pass (see :func:`hdr`):
     what the radix path writes, byte for byte. ``provenance``: apply's, whole."""
     from .files import SafetensorsFile, write_checkpoint
 
-    harm = top.inner
+    harm = top.inner  # apply() has checked it against the target
     k = top.k_of(harm.numel)
-    for n in harm.names:
-        if n not in tgt or tgt.shape(n) != harm.shapes[n] or not tgt.is_floating(n):
-            raise _BracketMissed  # apply() names the problem
     largest = max((f.path.stat().st_size for f in tgt.files.values()), default=0)
     cap = max(2**20, largest // 2 // 16)  # ~16 bytes an undecided entry: half a shard at most
     window = _bracket(harm, k, cap)
     if window is None:
         raise _BracketMissed
     lo, hi = window
-    dev = device
     rank = {n: i for i, n in enumerate(sorted(harm.names))}
     undecided: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, flat index, bits, value)
     count = {"above": 0, "undecided": 0}
