@@ -80,6 +80,12 @@ def _prefix(path: Path, kind: str = "tmp") -> str:
     return f".{path.name}.{kind}-{os.getpid()}-"
 
 
+def cache_root() -> Path:
+    """Where steering keeps what it can rebuild (organisms, tensor plans, fingerprints):
+    ``$STEERING_CACHE``, by default ``~/.cache/steering``."""
+    return Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering"))
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush ``path`` (a file or folder) to disk; errors are ignored (a file system without fsync)."""
     with contextlib.suppress(OSError):

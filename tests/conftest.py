@@ -13,6 +13,17 @@ torch.set_num_threads(int(os.environ.get("STEERING_TEST_THREADS", "2")))
 ORGANISM_FIXTURES = {"organisms_llama", "organisms_gpt2", "judge_organism"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_fingerprint_cache(tmp_path_factory):
+    """Fingerprints the tests compute are remembered in a folder of their own, not the user's cache."""
+    import steering.weights.files as files
+
+    where = tmp_path_factory.mktemp("fingerprints")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files, "_fingerprint_dir", lambda: where)
+        yield where
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if ORGANISM_FIXTURES & set(getattr(item, "fixturenames", ())):

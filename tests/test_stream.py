@@ -124,6 +124,7 @@ def sha256_of(folder: Path) -> str:
 def test_fingerprints_hashed_while_reading_are_the_files_sha256(trio, tmp_path, monkeypatch):
     base, ft, tgt = trio
     monkeypatch.setattr(files, "_FINGERPRINTS", {})  # nothing known in advance: every hash is computed here
+    monkeypatch.setattr(files, "_fingerprint_dir", lambda: tmp_path / "fingerprints")
     monkeypatch.setattr(files, "PIECE", 50)
     out = hdr(tgt, TaskVector.between(base, ft), tmp_path / "out", top_k=0.2)
     raw = [(out / s).read_bytes() for s in Checkpoint(out).files]
@@ -139,6 +140,56 @@ def test_fingerprints_hashed_while_reading_are_the_files_sha256(trio, tmp_path, 
     meta = json.loads(Checkpoint(saved).metadata["steering"])
     assert meta["base_sha256"] == sha256_of(base) and meta["finetuned_sha256"] == sha256_of(ft)
     assert TaskVector.load(saved).provenance["finetuned_sha256"] == sha256_of(ft)
+
+
+def test_a_fingerprint_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A digest is kept per file identity and times: the next open of the same files hashes
+    nothing (an entry planted in the cache is believed), and a file whose change time moved (here
+    its modification time set back, as ``cp -p`` or ``touch -r`` would) is hashed again."""
+    import os
+
+    folder = ckpt(tmp_path / "m", 1, tied=True)
+    store = tmp_path / "fingerprints"
+    monkeypatch.setattr(files, "_fingerprint_dir", lambda: store)
+    monkeypatch.setattr(files, "_FINGERPRINTS", {})
+    monkeypatch.setattr(files, "_SETTLED_NS", 0)  # these files were written a moment ago
+    true = sha256_of(folder)
+    assert Checkpoint(folder).fingerprint() == true
+    (entry,) = store.glob("*.json")
+    assert json.loads(entry.read_text())["sha256"] == true
+    entry.write_text(entry.read_text().replace(true, "f" * 64))  # what the cache says is what is used
+    files._FINGERPRINTS.clear()
+    assert Checkpoint(folder).fingerprint() == "f" * 64
+    files._FINGERPRINTS.clear()
+    assert Checkpoint(folder).fingerprint(lazy=True) == "f" * 64  # no placeholder, no hashing thread
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    st = os.stat(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same bytes, same mtime: only ctime moves
+    files._FINGERPRINTS.clear()
+    assert Checkpoint(folder).fingerprint() == true
+    files._FINGERPRINTS.clear()
+    ck = Checkpoint(folder)
+    out = apply(folder, TaskVector.between(folder, folder), tmp_path / "out")  # the lazy path reads the cache too
+    assert json.loads(Checkpoint(out).metadata["steering"])["target_sha256"] == true == ck.fingerprint()
+
+
+def test_a_fingerprint_is_not_remembered_for_files_just_written_or_from_a_corrupt_cache(tmp_path, monkeypatch):
+    folder = ckpt(tmp_path / "m", 1, tied=True)
+    store = tmp_path / "fingerprints"
+    monkeypatch.setattr(files, "_fingerprint_dir", lambda: store)
+    monkeypatch.setattr(files, "_FINGERPRINTS", {})
+    true = sha256_of(folder)
+    assert Checkpoint(folder).fingerprint() == true
+    assert not store.exists()  # written within the last seconds: it may still be being written
+    monkeypatch.setattr(files, "_SETTLED_NS", 0)
+    files._FINGERPRINTS.clear()
+    Checkpoint(folder).fingerprint()
+    (entry,) = store.glob("*.json")
+    for junk in ("not json", "[1, 2]", json.dumps({"files": "x", "sha256": true}),
+                 json.dumps({"files": json.loads(entry.read_text())["files"], "sha256": "not hex"})):
+        entry.write_text(junk)
+        files._FINGERPRINTS.clear()
+        assert Checkpoint(folder).fingerprint() == true
 
 
 def test_pieces_are_the_tensor_and_reuse_no_memory_in_use(trio, monkeypatch):

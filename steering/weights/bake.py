@@ -191,6 +191,7 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
     import importlib.metadata
 
     from .._version import __version__
+    from ..io import atomic_write, cache_root
 
     folder = Path(folder)
     h = hashlib.sha256((folder / "config.json").read_bytes())
@@ -201,7 +202,7 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
     here = Path(__file__).resolve().parents[1]
     for f in (here / "arch.py", here / "architectures.json"):  # the architecture map itself
         h.update(f.read_bytes())
-    cache = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "plans" / f"{h.hexdigest()[:32]}.json"
+    cache = cache_root() / "plans" / f"{h.hexdigest()[:32]}.json"
     try:
         info = json.loads(cache.read_text())
         if isinstance(info, dict) and set(info) == {"arch", "post_norm", "d_model", "plan", "tied"}:
@@ -233,8 +234,6 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
             if head is not None and emb is not None and head.weight is emb.weight else None)
     info = {"arch": sm.map.spec.name, "post_norm": bool(sm.map.spec.post_norm), "d_model": int(sm.d_model),
             "plan": plan, "tied": tied}
-    from ..io import atomic_write
-
     try:
         atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(info)))
     except OSError:

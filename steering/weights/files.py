@@ -22,7 +22,8 @@ thread (reads release the GIL), so the edits' float32 arithmetic runs on cache-s
 the next bytes arrive, and no tensor is ever held whole in float32. The SHA-256 fingerprints of
 the provenance are computed from the same bytes as they are read (:meth:`Checkpoint.fingerprint`
 with ``lazy=True`` gives a placeholder that the writer fills into each shard's header once the
-inputs are read), so they add no pass of their own.
+inputs are read), so they add no pass of their own; a digest is remembered for the files' identity
+and times, so a later edit of the same, unchanged files does not hash them at all.
 
 Pickled weights (``.bin``, ``.pt``) are never read.
 """
@@ -34,9 +35,11 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -169,6 +172,7 @@ class SafetensorsFile:
                              f"{self.data_start + end})")
         st = self.path.stat()
         self._key = (str(self.path.resolve()), st.st_size, st.st_mtime_ns)
+        _STATS[self._key] = (_stat_of(st), time.time_ns())
         self._f: int | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -373,10 +377,20 @@ class Checkpoint:
         ``lazy=True``: unless it is known already, a placeholder of the same length, filled in by
         :func:`resolve_fingerprints` (which :func:`write_checkpoint` calls on what it writes). Until
         then the hash is computed from the bytes as this process reads them, in order; whatever was
-        not read in order is read for the hash when it is resolved."""
+        not read in order is read for the hash when it is resolved.
+
+        A digest, once computed, is remembered under ``$STEERING_CACHE/fingerprints`` for the
+        files' device, inode, size and modification and change times, so the next edit of the
+        same files hashes nothing; any change to a file (a rewrite, even with its modification
+        time set back, changes its change time) hashes it again. Delete that folder to hash
+        everything anew."""
         files = self._files_key()
         if files in _FINGERPRINTS:
             return _FINGERPRINTS[files]
+        known = _cached(files)
+        if known is not None:
+            _FINGERPRINTS[files] = known
+            return known
         if not lazy:
             return _fingerprint(files)
         with _HASH_LOCK:
@@ -418,6 +432,7 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
             while chunk := f.read(16 * 2**20):
                 h.update(chunk)
     _FINGERPRINTS[files] = h.hexdigest()
+    _remember(files, _FINGERPRINTS[files])
     return _FINGERPRINTS[files]
 
 
@@ -474,10 +489,70 @@ class _SeqHash:
                     if _FEEDERS.get(key) is self:
                         del _FEEDERS[key]
             _RESOLVED[self.token] = digest
+        _remember(self.files, digest)
         return digest
 
 
 _RESOLVED: dict[str, str] = {}
+_STATS: dict[tuple[str, int, int], tuple[tuple[int, ...], int]] = {}  # file -> its stat on open, and when
+_SETTLED_NS = 2 * 10**9  # a file changed this recently when opened may still be being written
+
+
+def _stat_of(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _fingerprint_dir() -> Path:
+    from ..io import cache_root
+
+    return cache_root() / "fingerprints"
+
+
+def _cache_entry(files: tuple[tuple[str, int, int], ...]) -> tuple[Path, str] | None:
+    """Where the fingerprint of these files would be remembered, and what it is remembered for."""
+    stats = [_STATS.get(k) for k in files]
+    if not files or any(s is None for s in stats):
+        return None
+    ident = json.dumps([[k[0], *s[0]] for k, s in zip(files, stats)])
+    return _fingerprint_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.json", ident
+
+
+def _cached(files: tuple[tuple[str, int, int], ...]) -> str | None:
+    """The SHA-256 remembered for these files, if each still has the device, inode, size,
+    modification and change times it had when it was hashed (``ctime`` cannot be set back by
+    a program, so a file rewritten in place is hashed again)."""
+    entry = _cache_entry(files)
+    if entry is None:
+        return None
+    try:
+        rec = json.loads(entry[0].read_text())
+        if rec["files"] == entry[1] and re.fullmatch("[0-9a-f]{64}", rec["sha256"]):
+            return rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: hashed again
+    return None
+
+
+def _remember(files: tuple[tuple[str, int, int], ...], digest: str) -> None:
+    """Remember a digest under ``$STEERING_CACHE/fingerprints`` if no file changed since it was
+    opened and none had changed in the seconds before (it could have been mid-write)."""
+    from ..io import atomic_write
+
+    entry = _cache_entry(files)
+    if entry is None:
+        return
+    for k in files:
+        stat, opened = _STATS[k]
+        try:
+            now = _stat_of(os.stat(k[0]))
+        except OSError:
+            return
+        if now != stat or max(stat[3], stat[4]) > opened - _SETTLED_NS:
+            return
+    try:
+        atomic_write(entry[0], lambda tmp: Path(tmp).write_text(json.dumps({"files": entry[1], "sha256": digest})))
+    except OSError:
+        pass  # a read-only cache: hashed again next time
 
 
 def resolve_fingerprints(text: str) -> str:
