@@ -88,14 +88,20 @@ def test_bake_of_a_sharded_folder_keeps_its_shards_and_dtype(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "qwen2", "gpt_neox"])
-def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 96], ids=["whole", "sliced"])
+def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, chunk, tmp_path, monkeypatch):
     """``bake_ablation_stream`` edits a folder tensor by tensor (the model is never loaded) and
     writes what ``Ablation.bake`` + ``write_hf`` write: same tensors (bf16, sharded), same logits,
-    a tied unembedding untied in the config; refuses what the in-memory bake refuses."""
+    a tied unembedding untied in the config; refuses what the in-memory bake refuses. ``sliced``:
+    every tensor it edits is worked on in slices of 96 entries (as a large model's are)."""
     from safetensors.torch import load_file
 
+    import steering.weights.bake as bake_mod
     from steering.weights.bake import bake_ablation_stream
     from steering.cli import main
+
+    if chunk:
+        monkeypatch.setattr(bake_mod, "_CHUNK", chunk)
 
     src = tmp_path / "src"
     m0 = st.testing.tiny_model(family)

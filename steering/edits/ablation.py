@@ -237,32 +237,48 @@ class AffineAblation(Edit):
         return {"sites": list(self.sites), "meta": dict(self.meta)}
 
 
-def _work_dtype(w: Tensor) -> torch.dtype:
+def work_dtype(w: Tensor | torch.dtype) -> torch.dtype:
     """float64 for float32 (or wider) weights; float32 for 16-bit ones, whose result is rounded to
     8 or 11 significant bits anyway (twice as fast, half the memory, same stored values but for
     rare last-bit ties)."""
-    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    dtype = w if isinstance(w, torch.dtype) else w.dtype
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def project_rows(w: Tensor, q: Tensor) -> Tensor:
     """Rows of ``w`` ([n, d]) with the span of ``q`` removed; computed in float32 or better."""
-    dt = _work_dtype(w)
-    w32, q32 = w.to(dt), q.to(w.device, dt)
-    return (w32 - (w32 @ q32.T) @ q32).to(w.dtype)
+    dt = work_dtype(w)
+    w32 = w.to(dt)
+    if w32.data_ptr() == w.data_ptr():
+        w32 = w32.clone()  # the input is never changed
+    return project_rows_(w32, q.to(w.device, dt)).to(w.dtype)
+
+
+def project_rows_(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """:func:`project_rows` in place on the working-precision rows ``w32`` (same values), the
+    rank-k update into ``scratch`` (``w32``'s shape) when given."""
+    return w32.sub_(torch.matmul(w32 @ q32.T, q32, out=scratch))
 
 
 def project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
     """A stream-writing weight whose output has no component in the span of ``q``."""
-    dt = _work_dtype(w)
-    w32, q32 = w.to(dt), q.to(w.device, dt)
+    dt = work_dtype(w)
+    w32 = w.to(dt)
+    if w32.data_ptr() == w.data_ptr():
+        w32 = w32.clone()  # the input is never changed
+    return project_out_(w32, q.to(w.device, dt), layout).to(w.dtype)
+
+
+def project_out_(w32: Tensor, q32: Tensor, layout: str, scratch: Tensor | None = None) -> Tensor:
+    """:func:`project_out` in place on the working-precision weight ``w32`` (same values),
+    the rank-k update into ``scratch`` (``w32``'s shape) when given: for a caller that reuses
+    memory."""
     if layout == "out_in":  # [d, in]: W − QᵀQ W
-        new = w32 - q32.T @ (q32 @ w32)
-    elif layout == "in_out":  # Conv1D [in, d]: W − W QᵀQ
-        new = w32 - (w32 @ q32.T) @ q32
-    elif layout == "experts_out_in":  # [E, d, in]
-        new = w32 - torch.einsum("kd,ekn->edn", q32, torch.einsum("kd,edn->ekn", q32, w32))
-    else:
-        raise ArchitectureError(f"unknown weight layout {layout!r}")
-    return new.to(w.dtype)
+        return w32.sub_(torch.matmul(q32.T, q32 @ w32, out=scratch))
+    if layout == "in_out":  # Conv1D [in, d]: W − W QᵀQ
+        return w32.sub_(torch.matmul(w32 @ q32.T, q32, out=scratch))
+    if layout == "experts_out_in":  # [E, d, in]
+        return w32.sub_(torch.einsum("kd,ekn->edn", q32, torch.einsum("kd,edn->ekn", q32, w32)))
+    raise ArchitectureError(f"unknown weight layout {layout!r}")
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..io import atomic_folder
 from ..model import Model
+from . import files
 from .files import (Checkpoint, check_output, model_card, numel, provenance_json, resolve_fingerprints, strip_remote_code,
                     write_checkpoint)
 
@@ -166,18 +167,6 @@ class NotStreamable(ValueError):
 _CHUNK = 2**22  # elements of float32/float64 work per piece (16–32 MB)
 
 
-def _in_pieces(t: torch.Tensor, dim: int, fn: Any) -> torch.Tensor:
-    """``fn`` applied to slices of ``t`` along ``dim`` (on which it acts independently), so the
-    float work never holds more than about ``_CHUNK`` elements at once."""
-    step = max(1, _CHUNK * t.shape[dim] // max(1, t.numel()))
-    if step >= t.shape[dim]:
-        return fn(t)
-    out = torch.empty_like(t)
-    for i in range(0, t.shape[dim], step):
-        out.narrow(dim, i, min(step, t.shape[dim] - i)).copy_(fn(t.narrow(dim, i, min(step, t.shape[dim] - i))))
-    return out
-
-
 def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, Any]:
     """What a streamed orthogonalisation of the model in ``folder`` edits, read from a model built
     from its config on the meta device (no weights), through the architecture map the in-memory
@@ -241,6 +230,57 @@ def stream_plan(folder: str | os.PathLike, trust_remote_code: bool = False) -> d
     return json.loads(json.dumps(info))
 
 
+def _rows_projected(f: Any, name: str, q: torch.Tensor, dev: torch.device) -> Iterator[torch.Tensor]:
+    """:func:`~steering.edits.project_rows` of the rows of a stored tensor, read and computed in
+    pieces of whole rows of about ``_CHUNK`` entries, in reused buffers (rows are independent, so
+    the bytes are those of the whole tensor projected at once)."""
+    from ..edits.ablation import project_rows_, work_dtype
+
+    shape, dtype = f.shape(name), f.dtype(name)
+    width = shape[-1] if shape else 1
+    rows = max(1, numel(shape) // max(1, width))
+    step = max(1, _CHUNK * rows // max(1, numel(shape)))
+    wd = work_dtype(dtype)
+    q32 = q.to(dev, wd)
+    size = min(step, rows) * width
+    with files.work_buffers(size, [wd, wd], dev) as (w32, scratch), files.work_buffers(size, [dtype, dtype], "cpu") as outs:
+        for i, w in enumerate(f.pieces(name, size=step * width)):
+            n = w.numel()
+            x = w32[:n].view(-1, width).copy_(w.view(-1, width))
+            project_rows_(x, q32, scratch[:n].view(-1, width))
+            yield outs[i % 2][:n].copy_(x.reshape(-1))  # two: the writer may still hold the last one
+
+
+def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.device) -> Iterator[torch.Tensor]:
+    """:func:`~steering.edits.project_out` of a stored tensor, computed on slices of about
+    ``_CHUNK`` entries along the axis every layout acts on independently (columns of [d, in], rows
+    of [in, d], experts of [E, d, in]), in reused buffers: the float work never holds more than a
+    slice, and each slice's values are what :func:`~steering.edits.project_out` gives it."""
+    from ..edits.ablation import project_out_, work_dtype
+
+    shape, dtype = f.shape(name), f.dtype(name)
+    dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
+    total = numel(shape)
+    if total == 0:
+        yield f.get(name).reshape(-1)
+        return
+    step = max(1, _CHUNK * shape[dim] // total)
+    wd = work_dtype(dtype)
+    q32 = q.to(dev, wd)
+    part = list(shape)
+    part[dim] = min(step, shape[dim])
+    with files.work_buffers(total, [dtype], "cpu") as (raw,), files.work_buffers(total, [dtype], dev) as (out,), \
+            files.work_buffers(numel(part), [wd, wd], dev) as (w32, scratch):
+        w = f.get(name, into=raw).to(dev)
+        new = out.view(shape)
+        for i in range(0, shape[dim], step):
+            m = min(step, shape[dim] - i)
+            part[dim] = m
+            x = w32[:numel(part)].view(part).copy_(w.narrow(dim, i, m))
+            new.narrow(dim, i, m).copy_(project_out_(x, q32, layout, scratch[:numel(part)].view(part)))
+        yield out if out.device.type == "cpu" else out.cpu()
+
+
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                          provenance: Mapping[str, Any] | None = None, trust_remote_code: bool = False,
                          progress: bool = False, sources: Iterable[str | os.PathLike] = (),
@@ -260,7 +300,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     products may round differently from the CPU's in the last bit)."""
     from .taskvec import work_device
     from ..arch import ArchitectureError
-    from ..edits import ABLATION_SITES, Ablation, project_out, project_rows
+    from ..edits import ABLATION_SITES, Ablation
 
     if not isinstance(edit, Ablation):
         raise TypeError(f"bake_ablation_stream: expected an Ablation edit, got {type(edit).__name__}")
@@ -297,15 +337,10 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
 
     def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
         how, layout = plan.get(name, ("", ""))
-        if how == "rows":  # rows are independent: read in the pieces _in_pieces would cut (the same bytes out)
-            shape = f.shape(name)
-            width = shape[-1] if shape else 1
-            rows = max(1, numel(shape) // max(1, width))
-            step = max(1, _CHUNK * rows // max(1, numel(shape)))
-            return (project_rows(w.to(dev).reshape(-1, width), q).reshape(-1) for w in f.pieces(name, size=step * width))
-        if how == "out":  # every layout acts independently along one axis: columns of [d, in], rows of [in, d]
-            dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
-            return iter([_in_pieces(f.get(name).to(dev), dim, lambda w: project_out(w, q, layout)).reshape(-1)])
+        if how == "rows":
+            return _rows_projected(f, name, q, dev)
+        if how == "out":
+            return _out_projected(f, name, layout, q, dev)
         return None  # copied as stored
 
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),

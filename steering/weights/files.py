@@ -76,6 +76,12 @@ def _take_buffers(count: int, nbytes: int) -> list[torch.Tensor]:
     return fit + [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count - len(fit))]
 
 
+def drop_spare_buffers() -> None:
+    """Free the spare buffers (a job's end: whole tensors of a big model must not stay held)."""
+    with _SPARE_LOCK:
+        _SPARE.clear()
+
+
 def _give_back(bufs: list[torch.Tensor]) -> None:
     with _SPARE_LOCK:
         _SPARE.extend(bufs)
@@ -186,10 +192,11 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read from disk into fresh memory."""
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``, read from disk into fresh memory (or into the start of the byte
+        tensor ``into``, e.g. from :class:`work_buffers`)."""
         code, shape, b, e = self.entries[name]
-        out = torch.empty(e - b, dtype=torch.uint8)
+        out = torch.empty(e - b, dtype=torch.uint8) if into is None else into.view(torch.uint8).reshape(-1)[:e - b]
         if e > b:
             job = self._read(self.data_start + b, out.numpy(), name)
             if job is not None:
@@ -802,52 +809,55 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
     total = 0
     writers: list[ShardWriter] = []
     syncs = ThreadPoolExecutor(1, thread_name_prefix="steering-fsync")
-    with atomic_folder(out) as tmp, compute_threads(threads):
-        for i, shard in enumerate(shards):
-            f = source.files[shard]
-            names = [n for n in f.keys() if source.where.get(n) == shard]
-            new = sorted(extra) if i == len(shards) - 1 else []
-            layout = ([(n, f.dtype(n), f.shape(n)) for n in names]
-                      + [(n, extra[n].dtype, tuple(extra[n].shape)) for n in new])
-            meta = {**{k: v for k, v in f.metadata.items() if k not in ("steering",)}, "format": "pt", "steering": blob}
-            w = ShardWriter(tmp / shard, layout, meta)
-            try:
-                for n in names:
-                    if pieces is not None:  # pieces come from reused buffers: nothing to hand back
-                        _write_pieces(w, n, f, pieces(n, f))
-                    else:
-                        _write_whole(w, n, f, tensor)
-                        release_memory()
-                    bar.update()
-                for n in new:
-                    w.write(n, extra[n])
-                    bar.update()
-            except BaseException:
-                w.abort()  # the first error is the one reported, not "tensors were not written"
-                bar.close()
-                syncs.shutdown(wait=True)
-                raise
-            w.close()
-            writers.append(w)
-            syncs.submit(fsync_file, w.path)  # overlapped with the next shard's work
-            total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
-        syncs.shutdown(wait=True)
-        if before_commit is not None:
-            before_commit(tmp)
-        blob = resolve_fingerprints(blob)
-        for w in writers:
-            w.patch_header(resolve_fingerprints)
-        if (source.folder / INDEX).is_file() or len(shards) > 1:
-            weight_map = dict(source.where)
-            weight_map.update({n: shards[-1] for n in extra})
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        copy_side_files(source.folder, tmp, keep_remote_code)
-        if side_files is not None:
-            side_files(tmp)
-            if not keep_remote_code:
-                strip_remote_code(tmp)
-        model_card(tmp, blob, str(provenance.get("base_model", source.path)))
+    try:
+        with atomic_folder(out) as tmp, compute_threads(threads):
+            for i, shard in enumerate(shards):
+                f = source.files[shard]
+                names = [n for n in f.keys() if source.where.get(n) == shard]
+                new = sorted(extra) if i == len(shards) - 1 else []
+                layout = ([(n, f.dtype(n), f.shape(n)) for n in names]
+                          + [(n, extra[n].dtype, tuple(extra[n].shape)) for n in new])
+                meta = {**{k: v for k, v in f.metadata.items() if k not in ("steering",)}, "format": "pt", "steering": blob}
+                w = ShardWriter(tmp / shard, layout, meta)
+                try:
+                    for n in names:
+                        if pieces is not None:  # pieces come from reused buffers: nothing to hand back
+                            _write_pieces(w, n, f, pieces(n, f))
+                        else:
+                            _write_whole(w, n, f, tensor)
+                            release_memory()
+                        bar.update()
+                    for n in new:
+                        w.write(n, extra[n])
+                        bar.update()
+                except BaseException:
+                    w.abort()  # the first error is the one reported, not "tensors were not written"
+                    bar.close()
+                    syncs.shutdown(wait=True)
+                    raise
+                w.close()
+                writers.append(w)
+                syncs.submit(fsync_file, w.path)  # overlapped with the next shard's work
+                total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
+            syncs.shutdown(wait=True)
+            if before_commit is not None:
+                before_commit(tmp)
+            blob = resolve_fingerprints(blob)
+            for w in writers:
+                w.patch_header(resolve_fingerprints)
+            if (source.folder / INDEX).is_file() or len(shards) > 1:
+                weight_map = dict(source.where)
+                weight_map.update({n: shards[-1] for n in extra})
+                (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                     "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            copy_side_files(source.folder, tmp, keep_remote_code)
+            if side_files is not None:
+                side_files(tmp)
+                if not keep_remote_code:
+                    strip_remote_code(tmp)
+            model_card(tmp, blob, str(provenance.get("base_model", source.path)))
+    finally:
+        drop_spare_buffers()  # the job is over: a big model's whole tensors must not stay held
     bar.close()
     return out
 
