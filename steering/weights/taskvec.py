@@ -848,16 +848,26 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
             allowed[r] = min(tie_counts[r], ties_left)
             ties_left -= allowed[r]
         names = sorted(harm.names)
-        for r, ix, b, val in undecided:
-            pick = b > v
-            if allowed.get(r, 0):
-                at_v = (b == v).nonzero().squeeze(1)
-                take = at_v[:allowed[r]]
-                allowed[r] -= len(take)
-                pick[take] = True
-            if bool(pick.any()):
-                name = names[r]
-                _patch(SafetensorsFile(tmp / tgt.where[name]), name, ix[pick], val[pick])
+        by_tensor: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for r, ix, b, val in undecided:  # each tensor's entries are in index order
+            by_tensor.setdefault(r, []).append((ix, b, val))
+        shards: dict[str, SafetensorsFile] = {}  # each written shard's header parsed once
+        try:
+            for r in sorted(by_tensor):
+                parts = by_tensor.pop(r)
+                ix, b, val = (torch.cat([p[j] for p in parts]) if len(parts) > 1 else parts[0][j] for j in range(3))
+                pick = b > v
+                if allowed.get(r, 0):
+                    pick[(b == v).nonzero().squeeze(1)[:allowed[r]]] = True  # the first ties by index
+                if bool(pick.any()):
+                    name = names[r]
+                    shard = tgt.where[name]
+                    if shard not in shards:
+                        shards[shard] = SafetensorsFile(tmp / shard)
+                    _patch(shards[shard], name, ix[pick], val[pick])
+        finally:
+            for f in shards.values():
+                f.close()
 
     try:
         return write_checkpoint(tgt, out, None, provenance, overwrite=overwrite, sources=sources, progress=progress,
@@ -886,18 +896,18 @@ def _patch(f: Any, name: str, flat: torch.Tensor, values: torch.Tensor) -> None:
     size = values.element_size()
     raw = values.view(torch.uint8).reshape(-1, size)
     window = 2**22
+    pos = f.data_start + b + flat.long() * size
+    _, counts = torch.unique_consecutive(pos // window, return_counts=True)  # ascending: runs, one a window
+    ends = torch.cumsum(counts, 0).tolist()
+    step = torch.arange(size)
     with open(f.path, "r+b") as fh:
-        pos = f.data_start + b + flat.long() * size
-        first = pos // window
-        for w in torch.unique_consecutive(first).tolist():
-            sel = (first == w).nonzero().squeeze(1)
-            lo_b, hi_b = int(pos[sel[0]]), int(pos[sel[-1]]) + size
+        for start, end in zip([0, *ends[:-1]], ends):
+            lo_b, hi_b = int(pos[start]), int(pos[end - 1]) + size
             buf = bytearray(hi_b - lo_b)
             fh.seek(lo_b)
             fh.readinto(buf)
             arr = torch.frombuffer(buf, dtype=torch.uint8).reshape(-1)
-            offs = (pos[sel] - lo_b).unsqueeze(1) + torch.arange(size)
-            arr[offs.reshape(-1)] = raw[sel].reshape(-1)
+            offs = (pos[start:end] - lo_b).unsqueeze(1) + step
+            arr[offs.reshape(-1)] = raw[start:end].reshape(-1)
             fh.seek(lo_b)
             fh.write(buf)
-    f.close()
