@@ -1,6 +1,6 @@
 """Benchmark 3: streaming checkpoint edits on Llama-shaped bf16 checkpoints of three sizes.
 
-    python experiments/bench_stream.py [--repeats 3] [--layers 4,10,22] [--device cuda] [--cache DIR]
+    python experiments/bench_stream.py [--repeats 5] [--layers 4,10,22] [--device cuda] [--cache DIR]
     # writes its section of experiments/results/BENCHMARKS.md and bench_stream.json
 
 For each size, three random checkpoints (``base``, ``ft`` = base + noise, ``tgt`` = base + other
@@ -10,7 +10,11 @@ noise) of the TinyLlama-1.1B shape (d 2048, MLP 5632, 32k vocabulary, untied hea
 is measured, not assumed. ``--device`` is passed to steering's jobs (mergekit, the floors and the
 bare loop run on the CPU). Then, in one run per size, each
 job is timed as a fresh process, side by side with the floor of the same bytes, ``--repeats`` times
-in interleaved order (medians reported; ``sync`` before each, untimed; outputs deleted after):
+in interleaved order (medians reported; before each, untimed, a ``sync`` and a read of the job's
+inputs, so every job starts from the same warm page cache: this machine's kernel pages out what
+has not been touched for a minute; outputs deleted after). steering's jobs run twice: with the
+inputs' fingerprints remembered from an earlier edit (the cache is filled before the timed runs),
+and with an empty ``$STEERING_CACHE`` (the architecture plans kept), so they hash their inputs:
 
 - **HDR**: ``steering run`` of a recipe computing τ = ft − base on the fly and writing
   tgt − 3·topk₁₀%(τ) with the exact *global* top 10% — against ``cat base ft > /dev/null`` and a copy
@@ -51,6 +55,11 @@ N_SHARDS = 5
 
 
 NAMES = {22: "llama-1.1b", 10: "llama-0.6b", 4: "llama-0.3b"}
+FLOOR_OF = {"hdr": "hdr: floor (cat base ft; copy tgt)", "bake": "bake: floor (copy base)",
+            "task arithmetic": "task arithmetic: floor (cat base; copy ft)"}
+TA, MK = "task arithmetic: steering run", "task arithmetic: mergekit-yaml"
+HDR, BAKE = "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)", "bake: steering bake (orthogonalisation, streamed)"
+HASHED = ", inputs hashed (no fingerprint remembered)"
 
 
 def _config(layers: int = 22):
@@ -151,6 +160,7 @@ def run_size(args: argparse.Namespace, layers: int) -> dict:
     import torch
 
     from steering.edits import Ablation
+    from steering.weights import Checkpoint
 
     ck = generate(args.cache, layers)
     base, ft, tgt = (str(ck[k]) for k in ("base", "ft", "tgt"))
@@ -172,28 +182,42 @@ def run_size(args: argparse.Namespace, layers: int) -> dict:
             "      weight: 1.0\ndtype: bfloat16\n")
         steer = f"{sys.executable} -m steering.cli"
         out = work / "out"
+        for folder in (base, ft, tgt):  # fingerprints remembered before the timed runs (a later edit's case)
+            Checkpoint(folder).fingerprint()
+        plans = Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering")) / "plans"
+        plans.mkdir(parents=True, exist_ok=True)
+
+        def hashing(cmd: str) -> str:  # the first edit of these inputs: an empty cache (the plans kept)
+            return (f"c=$(mktemp -d) && ln -s {plans} $c/plans && STEERING_CACHE=$c {cmd}; s=$?; rm -rf $c; exit $s")
 
         def copy(src: str) -> str:  # write every shard's bytes with cat (cp may take other paths, copy_file_range)
             return f"mkdir {out} && for f in {src}/*; do cat $f > {out}/$(basename $f); done"
 
-        jobs = {
-            "hdr: floor (cat base ft; copy tgt)": f"cat {base}/*.safetensors {ft}/*.safetensors > /dev/null && {copy(tgt)}",
-            "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)": f"{steer} run {work / 'hdr.yaml'}{dev}",
-            "bake: floor (copy base)": copy(base),
-            "bake: steering bake (orthogonalisation, streamed)":
-                f"{steer} bake {base} --edit {work / 'abl.safetensors'} --out {out}{dev}",
-            "task arithmetic: floor (cat base; copy ft)": f"cat {base}/*.safetensors > /dev/null && {copy(ft)}",
-            "task arithmetic: steering run": f"{steer} run {work / 'ta.yaml'}{dev}",
+        hdr_cmd = f"{steer} run {work / 'hdr.yaml'}{dev}"
+        bake_cmd = f"{steer} bake {base} --edit {work / 'abl.safetensors'} --out {out}{dev}"
+        ta_cmd = f"{steer} run {work / 'ta.yaml'}{dev}"
+        jobs = {  # label: (command, the folders it reads)
+            "hdr: floor (cat base ft; copy tgt)": (f"cat {base}/*.safetensors {ft}/*.safetensors > /dev/null && {copy(tgt)}",
+                                                   (base, ft, tgt)),
+            HDR: (hdr_cmd, (base, ft, tgt)),
+            HDR + HASHED: (hashing(hdr_cmd), (base, ft, tgt)),
+            "bake: floor (copy base)": (copy(base), (base,)),
+            BAKE: (bake_cmd, (base,)),
+            BAKE + HASHED: (hashing(bake_cmd), (base,)),
+            "task arithmetic: floor (cat base; copy ft)": (f"cat {base}/*.safetensors > /dev/null && {copy(ft)}", (base, ft)),
+            TA: (ta_cmd, (base, ft)),
+            TA + HASHED: (hashing(ta_cmd), (base, ft)),
             "task arithmetic: bare torch + safetensors (no checks, no provenance)": (
-                f"{sys.executable} -c '{BARE}' {base} {ft} {out}"),
-            "task arithmetic: mergekit-yaml": (f"mergekit-yaml {work / 'mergekit.yaml'} {out} --no-copy-tokenizer --quiet "
-                                               f"--out-shard-size {params_per_shard}"),
+                f"{sys.executable} -c '{BARE}' {base} {ft} {out}", (base, ft)),
+            MK: (f"mergekit-yaml {work / 'mergekit.yaml'} {out} --no-copy-tokenizer --quiet "
+                 f"--out-shard-size {params_per_shard}", (base, ft)),
         }
         times: dict[str, list[float]] = {k: [] for k in jobs}
         peaks: dict[str, list[int]] = {k: [] for k in jobs}
         for r in range(args.repeats):
-            for label, cmd in jobs.items():
+            for label, (cmd, inputs) in jobs.items():
                 shutil.rmtree(out, ignore_errors=True)
+                subprocess.run(f"cat {' '.join(f'{i}/*.safetensors' for i in inputs)} > /dev/null", shell=True, check=True)
                 secs, peak = timed(cmd)
                 times[label].append(secs)
                 peaks[label].append(peak)
@@ -207,15 +231,11 @@ def run_size(args: argparse.Namespace, layers: int) -> dict:
             "times": times, "peaks": peaks, "jobs": list(jobs)}
 
 
-FLOOR_OF = {"hdr": "hdr: floor (cat base ft; copy tgt)", "bake": "bake: floor (copy base)",
-            "task arithmetic": "task arithmetic: floor (cat base; copy ft)"}
-TA, MK = "task arithmetic: steering run", "task arithmetic: mergekit-yaml"
-HDR, BAKE = "hdr: steering run (τ = ft − base, exact global top 10%, λ = 3)", "bake: steering bake (orthogonalisation, streamed)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", default="4,10,22", help="checkpoint sizes, as layer counts of the 1.1B shape")
     ap.add_argument("--device", help="passed to steering's jobs (e.g. cuda)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache/steering")) / "bench")
@@ -237,15 +257,19 @@ def main() -> None:
                          "runs_s": [round(t, 2) for t in sz["times"][label]],
                          "ratio_to_floor": round(med[label] / med[FLOOR_OF[group]], 2),
                          "peak_rss_mb": round(peak[label] / 2**20), "growth_over_largest_shard": grown})
-        growth = {k: round((peak[k] - start["steering"]) / sz["shard_bytes"], 2) for k in (TA, HDR, BAKE)}
-        summary.append({"size": f"{sz['params_b']:.2f}B", "gib": sz["gib"], "largest_shard_mib": sz["largest_shard_mib"],
-                        "ta_over_mergekit": round(med[TA] / med[MK], 2),
-                        "ta_over_floor": round(med[TA] / med[FLOOR_OF["task arithmetic"]], 2),
-                        "hdr_over_ta": round(med[HDR] / med[TA], 2),
-                        "bake_over_floor": round(med[BAKE] / med[FLOOR_OF["bake"]], 2),
-                        "peak_growth_over_shard": max(growth.values()), "ta_s": round(med[TA], 2),
-                        "hdr_s": round(med[HDR], 2), "bake_s": round(med[BAKE], 2), "mergekit_s": round(med[MK], 2)})
-    meta = {"command": "python experiments/bench_stream.py" + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+        growth = {k: round((peak[k] - start["steering"]) / sz["shard_bytes"], 2)
+                  for k in (TA, HDR, BAKE, TA + HASHED, HDR + HASHED, BAKE + HASHED)}
+        for case, suffix in (("fingerprints remembered", ""), ("inputs hashed", HASHED)):
+            ta, hd, bk = med[TA + suffix], med[HDR + suffix], med[BAKE + suffix]
+            summary.append({"size": f"{sz['params_b']:.2f}B", "case": case, "gib": sz["gib"],
+                            "largest_shard_mib": sz["largest_shard_mib"],
+                            "ta_over_mergekit": round(ta / med[MK], 2),
+                            "ta_over_floor": round(ta / med[FLOOR_OF["task arithmetic"]], 2),
+                            "hdr_over_ta": round(hd / ta, 2),
+                            "bake_over_floor": round(bk / med[FLOOR_OF["bake"]], 2),
+                            "peak_growth_over_shard": max(v for k, v in growth.items() if k.endswith(suffix)),
+                            "ta_s": round(ta, 2), "hdr_s": round(hd, 2), "bake_s": round(bk, 2), "mergekit_s": round(med[MK], 2)})
+    meta = {"command": "python experiments/bench_stream.py" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
             + (f" --layers {args.layers}" if args.layers != "4,10,22" else "") + (f" --device {args.device}" if args.device else ""),
             "machine": machine(), "startup_rss_mb": {k: round(v / 2**20) for k, v in start.items()},
             "device": args.device or "cpu"}
@@ -255,12 +279,15 @@ def main() -> None:
              f"steering's arithmetic on the {meta['device']}  ",
              f"Start-up RSS (imports only): steering {meta['startup_rss_mb']['steering']} MB, "
              f"mergekit {meta['startup_rss_mb']['mergekit']} MB, torch + safetensors {meta['startup_rss_mb']['bare']} MB", "",
-             "Targets, by size (medians; every job a fresh process, start-up included):", "",
-             "| checkpoint | task arithmetic ÷ mergekit (≤ 0.5) | task arithmetic ÷ floor (≤ 6) | HDR ÷ task arithmetic (≤ 1.5) "
+             "Targets, by size (medians; every job a fresh process, start-up included; *fingerprints remembered*: the "
+             "inputs' SHA-256 known from an earlier edit of the same unchanged files, as when an edit is tried again "
+             "or another made from the same model; *inputs hashed*: the first edit of these files, which hashes them "
+             "as it reads them):", "",
+             "| checkpoint | case | task arithmetic ÷ mergekit (≤ 0.5) | task arithmetic ÷ floor (≤ 6) | HDR ÷ task arithmetic (≤ 1.5) "
              "| orthogonalisation ÷ floor (≤ 5) | worst peak − start-up, in largest shards (≤ 1.5) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|"]
     for sm in summary:
-        lines.append(f"| {sm['size']} ({sm['gib']:.2f} GiB, largest shard {sm['largest_shard_mib']} MiB) | "
+        lines.append(f"| {sm['size']} ({sm['gib']:.2f} GiB, largest shard {sm['largest_shard_mib']} MiB) | {sm['case']} | "
                      f"{sm['ta_over_mergekit']:.2f} ({sm['ta_s']:.1f} s vs {sm['mergekit_s']:.1f} s) | {sm['ta_over_floor']:.2f} | "
                      f"{sm['hdr_over_ta']:.2f} ({sm['hdr_s']:.1f} s) | {sm['bake_over_floor']:.2f} ({sm['bake_s']:.1f} s) | "
                      f"{sm['peak_growth_over_shard']:.2f} |")

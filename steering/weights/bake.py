@@ -252,33 +252,55 @@ def _rows_projected(f: Any, name: str, q: torch.Tensor, dev: torch.device) -> It
 
 
 def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.device) -> Iterator[torch.Tensor]:
-    """:func:`~steering.edits.project_out` of a stored tensor, computed on slices of about
-    ``_CHUNK`` entries along the axis every layout acts on independently (columns of [d, in], rows
-    of [in, d], experts of [E, d, in]), in reused buffers: the float work never holds more than a
-    slice, and each slice's values are what :func:`~steering.edits.project_out` gives it."""
+    """:func:`~steering.edits.project_out` of a stored tensor in reused buffers, handed out in
+    pieces as they are computed (so their writes overlap the work on the next): the float work
+    never holds more than about ``_CHUNK`` entries, and the values are the whole tensor's.
+
+    Layouts that act along their first axis ([in, d], experts of [E, d, in]) are worked on in
+    slices of rows. A [d, in] weight (W − QᵀQW) mixes its rows, so QW is computed on slices of
+    columns first (as :func:`~steering.edits.project_out` would compute it), then the rows are
+    written a piece at a time: W[rows] − Q[:, rows]ᵀ(QW), the same products, so the same bytes."""
     from ..edits.ablation import project_out_, work_dtype
 
     shape, dtype = f.shape(name), f.dtype(name)
-    dim = {"out_in": 1, "in_out": 0, "experts_out_in": 0}.get(layout, 0)
     total = numel(shape)
     if total == 0:
         yield f.get(name).reshape(-1)
         return
-    step = max(1, _CHUNK * shape[dim] // total)
     wd = work_dtype(dtype)
     q32 = q.to(dev, wd)
-    part = list(shape)
-    part[dim] = min(step, shape[dim])
-    with files.work_buffers(total, [dtype], "cpu") as (raw,), files.work_buffers(total, [dtype], dev) as (out,), \
-            files.work_buffers(numel(part), [wd, wd], dev) as (w32, scratch):
+    to_cpu = dev.type != "cpu"
+    with files.work_buffers(total, [dtype], "cpu") as (raw,):
         w = f.get(name, into=raw).to(dev)
-        new = out.view(shape)
-        for i in range(0, shape[dim], step):
-            m = min(step, shape[dim] - i)
-            part[dim] = m
-            x = w32[:numel(part)].view(part).copy_(w.narrow(dim, i, m))
-            new.narrow(dim, i, m).copy_(project_out_(x, q32, layout, scratch[:numel(part)].view(part)))
-        yield out if out.device.type == "cpu" else out.cpu()
+        if layout != "out_in":  # rows (or experts) are independent: slices of whole rows
+            step = max(1, _CHUNK * shape[0] // total)
+            part = [min(step, shape[0]), *shape[1:]]
+            with files.work_buffers(numel(part), [wd, wd], dev) as (w32, scratch), \
+                    files.work_buffers(numel(part), [dtype, dtype], dev) as outs:
+                for j, i in enumerate(range(0, shape[0], step)):
+                    part[0] = min(step, shape[0] - i)
+                    n = numel(part)
+                    x = project_out_(w32[:n].view(part).copy_(w.narrow(0, i, part[0])), q32, layout,
+                                     scratch[:n].view(part))
+                    piece = outs[j % 2][:n].copy_(x.reshape(-1))  # two: the writer may still hold the last
+                    yield piece.cpu() if to_cpu else piece
+            return
+        d, width = shape
+        cols = max(1, _CHUNK // d)
+        rows = max(1, _CHUNK // width)
+        s = torch.empty(q32.shape[0], width, dtype=wd, device=dev)  # QW
+        with files.work_buffers(d * min(cols, width), [wd], dev) as (w32,):
+            for i in range(0, width, cols):
+                m = min(cols, width - i)
+                s[:, i:i + m] = q32 @ w32[:d * m].view(d, m).copy_(w.narrow(1, i, m))
+        size = min(rows, d) * width
+        with files.work_buffers(size, [wd, wd], dev) as (w32, scratch), files.work_buffers(size, [dtype, dtype], dev) as outs:
+            for j, i in enumerate(range(0, d, rows)):
+                m = min(rows, d - i)
+                x = w32[:m * width].view(m, width).copy_(w.narrow(0, i, m))
+                x.sub_(torch.matmul(q32.T[i:i + m], s, out=scratch[:m * width].view(m, width)))
+                piece = outs[j % 2][:m * width].copy_(x.reshape(-1))
+                yield piece.cpu() if to_cpu else piece
 
 
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
