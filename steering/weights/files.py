@@ -839,9 +839,11 @@ def write_checkpoint(source: Checkpoint, out: str | os.PathLike, tensor: Callabl
                 writers.append(w)
                 syncs.submit(fsync_file, w.path)  # overlapped with the next shard's work
                 total += sum(dtype.itemsize * numel(shape) for _, dtype, shape in layout)
-            syncs.shutdown(wait=True)
-            if before_commit is not None:
-                before_commit(tmp)
+            try:
+                if before_commit is not None:
+                    before_commit(tmp)  # beside the last shards' fsyncs (what it changes is flushed below)
+            finally:
+                syncs.shutdown(wait=True)
             blob = resolve_fingerprints(blob)
             for w in writers:
                 w.patch_header(resolve_fingerprints)
