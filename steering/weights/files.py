@@ -196,7 +196,12 @@ class SafetensorsFile:
         """The tensor ``name``, read from disk into fresh memory (or into the start of the byte
         tensor ``into``, e.g. from :class:`work_buffers`)."""
         code, shape, b, e = self.entries[name]
-        out = torch.empty(e - b, dtype=torch.uint8) if into is None else into.view(torch.uint8).reshape(-1)[:e - b]
+        if into is None:
+            out = torch.empty(e - b, dtype=torch.uint8)
+        elif into.numel() * into.element_size() < e - b:
+            raise ValueError(f"{name}: a buffer of {into.numel() * into.element_size()} bytes cannot hold its {e - b}")
+        else:
+            out = into.view(torch.uint8).reshape(-1)[:e - b]
         if e > b:
             job = self._read(self.data_start + b, out.numpy(), name)
             if job is not None:
