@@ -231,8 +231,6 @@ def run_size(args: argparse.Namespace, layers: int) -> dict:
             "times": times, "peaks": peaks, "jobs": list(jobs)}
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -267,7 +265,7 @@ def main() -> None:
                             "ta_over_floor": round(ta / med[FLOOR_OF["task arithmetic"]], 2),
                             "hdr_over_ta": round(hd / ta, 2),
                             "bake_over_floor": round(bk / med[FLOOR_OF["bake"]], 2),
-                            "peak_growth_over_shard": max(v for k, v in growth.items() if k.endswith(suffix)),
+                            "peak_growth_over_shard": max(v for k, v in growth.items() if k.endswith(HASHED) == bool(suffix)),
                             "ta_s": round(ta, 2), "hdr_s": round(hd, 2), "bake_s": round(bk, 2), "mergekit_s": round(med[MK], 2)})
     meta = {"command": "python experiments/bench_stream.py" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
             + (f" --layers {args.layers}" if args.layers != "4,10,22" else "") + (f" --device {args.device}" if args.device else ""),
