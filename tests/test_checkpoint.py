@@ -89,19 +89,27 @@ def test_bake_of_a_sharded_folder_keeps_its_shards_and_dtype(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "qwen2", "gpt_neox"])
 @pytest.mark.parametrize("chunk", [None, 96], ids=["whole", "sliced"])
-def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, chunk, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-turn", "ahead"])
+def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, chunk, ahead, tmp_path, monkeypatch):
     """``bake_ablation_stream`` edits a folder tensor by tensor (the model is never loaded) and
     writes what ``Ablation.bake`` + ``write_hf`` write: same tensors (bf16, sharded), same logits,
     a tied unembedding untied in the config; refuses what the in-memory bake refuses. ``sliced``:
-    every tensor it edits is worked on in slices of 96 entries (as a large model's are)."""
+    every tensor it edits is worked on in slices of 96 entries (as a large model's are);
+    ``ahead``: each projected in a thread of its own while the ones before it are written (what
+    happens once the checkpoint's fingerprint is known; here it is being hashed)."""
     from safetensors.torch import load_file
 
     import steering.weights.bake as bake_mod
+    import steering.weights.files as files_mod
     from steering.weights.bake import bake_ablation_stream
     from steering.cli import main
 
     if chunk:
         monkeypatch.setattr(bake_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(files_mod, "being_hashed", lambda ck: not ahead)
+    calls = []
+    real_ahead = bake_mod._Ahead
+    monkeypatch.setattr(bake_mod, "_Ahead", lambda *a: calls.append(1) or real_ahead(*a))
 
     src = tmp_path / "src"
     m0 = st.testing.tiny_model(family)
@@ -128,6 +136,7 @@ def test_streamed_orthogonalisation_equals_the_in_memory_bake(family, chunk, tmp
     torch.testing.assert_close(st.load(got).forward(texts).float(), st.load(want).forward(texts).float(), rtol=0, atol=0)
     assert (st.load(got).forward(texts).float() - hooked.float()).abs().max() < 0.1  # bf16 weights vs hooks
     assert read_provenance(got).get("stream", False) is (family != "mixtral")  # MoE experts are stored unfused: it falls back
+    assert bool(calls) is (ahead and family != "mixtral")
     if family == "mixtral":
         with pytest.raises(ValueError, match="experts.*names differ"):
             bake_ablation_stream(edit, src, tmp_path / "x")

@@ -251,40 +251,37 @@ def _rows_projected(f: Any, name: str, q: torch.Tensor, dev: torch.device) -> It
             yield outs[i % 2][:n].copy_(x.reshape(-1))  # two: the writer may still hold the last one
 
 
-def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.device) -> Iterator[torch.Tensor]:
-    """:func:`~steering.edits.project_out` of a stored tensor in reused buffers, handed out in
-    pieces as they are computed (so their writes overlap the work on the next): the float work
-    never holds more than about ``_CHUNK`` entries, and the values are the whole tensor's.
+def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.device, out: torch.Tensor) -> torch.Tensor:
+    """:func:`~steering.edits.project_out` of a stored tensor into ``out`` (flat, its stored dtype,
+    on the CPU), in reused buffers: the float work never holds more than about ``_CHUNK`` entries,
+    and the values are the whole tensor's.
 
     Layouts that act along their first axis ([in, d], experts of [E, d, in]) are worked on in
     slices of rows. A [d, in] weight (W − QᵀQW) mixes its rows, so QW is computed on slices of
-    columns first (as :func:`~steering.edits.project_out` would compute it), then the rows are
-    written a piece at a time: W[rows] − Q[:, rows]ᵀ(QW), the same products, so the same bytes."""
+    columns first (as :func:`~steering.edits.project_out` would compute it), then the rows:
+    W[rows] − Q[:, rows]ᵀ(QW), the same products, so the same bytes."""
     from ..edits.ablation import project_out_, work_dtype
 
     shape, dtype = f.shape(name), f.dtype(name)
     total = numel(shape)
+    out = out.view(torch.uint8).reshape(-1)[:total * dtype.itemsize].view(dtype)
     if total == 0:
-        yield f.get(name).reshape(-1)
-        return
+        return out
     wd = work_dtype(dtype)
     q32 = q.to(dev, wd)
-    to_cpu = dev.type != "cpu"
     with files.work_buffers(total, [dtype], "cpu") as (raw,):
         w = f.get(name, into=raw).to(dev)
         if layout != "out_in":  # rows (or experts) are independent: slices of whole rows
             step = max(1, _CHUNK * shape[0] // total)
             part = [min(step, shape[0]), *shape[1:]]
-            with files.work_buffers(numel(part), [wd, wd], dev) as (w32, scratch), \
-                    files.work_buffers(numel(part), [dtype, dtype], dev) as outs:
-                for j, i in enumerate(range(0, shape[0], step)):
+            with files.work_buffers(numel(part), [wd, wd], dev) as (w32, scratch):
+                for i in range(0, shape[0], step):
                     part[0] = min(step, shape[0] - i)
-                    n = numel(part)
+                    n, at = numel(part), i * (total // shape[0])
                     x = project_out_(w32[:n].view(part).copy_(w.narrow(0, i, part[0])), q32, layout,
                                      scratch[:n].view(part))
-                    piece = outs[j % 2][:n].copy_(x.reshape(-1))  # two: the writer may still hold the last
-                    yield piece.cpu() if to_cpu else piece
-            return
+                    out[at:at + n].copy_(x.reshape(-1))
+            return out
         d, width = shape
         cols = max(1, _CHUNK // d)
         rows = max(1, _CHUNK // width)
@@ -294,13 +291,52 @@ def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.d
                 m = min(cols, width - i)
                 s[:, i:i + m] = q32 @ w32[:d * m].view(d, m).copy_(w.narrow(1, i, m))
         size = min(rows, d) * width
-        with files.work_buffers(size, [wd, wd], dev) as (w32, scratch), files.work_buffers(size, [dtype, dtype], dev) as outs:
-            for j, i in enumerate(range(0, d, rows)):
+        with files.work_buffers(size, [wd, wd], dev) as (w32, scratch):
+            for i in range(0, d, rows):
                 m = min(rows, d - i)
                 x = w32[:m * width].view(m, width).copy_(w.narrow(0, i, m))
                 x.sub_(torch.matmul(q32.T[i:i + m], s, out=scratch[:m * width].view(m, width)))
-                piece = outs[j % 2][:m * width].copy_(x.reshape(-1))
-                yield piece.cpu() if to_cpu else piece
+                out[i * width:(i + m) * width].copy_(x.reshape(-1))
+    return out
+
+
+class _Ahead:
+    """The ``out`` tensors of a streamed bake projected one ahead, in a thread of their own, while
+    the tensors before them are written (the copies between them pass meanwhile). Two output
+    buffers alternate: the one being filled is the one whose tensor was written two turns ago."""
+
+    def __init__(self, names: list[str], compute: Any):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.names, self.at = names, {n: i for i, n in enumerate(names)}
+        self.compute = compute
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.jobs: dict[str, Any] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="steering-project")
+
+    def _start(self, i: int, f: Any) -> None:
+        if i >= len(self.names) or self.names[i] in self.jobs:
+            return
+        n = self.names[i]
+        if n not in f.entries:  # the next one lies in another shard: started when that shard begins
+            return
+        need = numel(f.shape(n)) * f.dtype(n).itemsize
+        if self.bufs[i % 2] is None or self.bufs[i % 2].numel() < need:
+            self.bufs[i % 2] = torch.empty(need, dtype=torch.uint8)
+        self.jobs[n] = self.pool.submit(self.compute, f, n, self.bufs[i % 2])
+
+    def take(self, name: str, f: Any) -> Iterator[torch.Tensor]:
+        i = self.at[name]
+        self._start(i, f)
+        out = self.jobs.pop(name).result()
+        self._start(i + 1, f)
+        for j in range(0, out.numel(), files.PIECE):  # views of a buffer that is not touched until two turns on
+            yield out[j:j + files.PIECE]
+
+    def close(self) -> None:
+        for job in self.jobs.values():
+            job.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -357,19 +393,36 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     dev = work_device(device)
     q = edit.basis.detach().to(dev)
 
-    def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
-        how, layout = plan.get(name, ("", ""))
-        if how == "rows":
-            return _rows_projected(f, name, q, dev)
-        if how == "out":
-            return _out_projected(f, name, layout, q, dev)
-        return None  # copied as stored
+    def project(f: Any, name: str, buf: torch.Tensor) -> torch.Tensor:
+        return _out_projected(f, name, plan[name][1], q, dev, buf)
 
     prov = {"method": "bake", "edit": "ablation", "rank": edit.rank, "stream": True, "base_model": str(ck.folder),
             "base_sha256": ck.fingerprint(lazy=True), **dict(edit.meta), **(provenance or {})}
-    return write_checkpoint(ck, out, None, prov, overwrite=overwrite, extra=extra, sources=sources,
-                            side_files=(lambda tmp: cfg.save_pretrained(tmp)) if cfg is not None else None, progress=progress,
-                            keep_remote_code=trust_remote_code, pieces=tensor, threads=threads)
+    order = [n for s, f in ck.files.items() for n in f.keys() if ck.where.get(n) == s]  # write_checkpoint's
+    # projected ahead unless the checkpoint is being hashed as it is read (that needs its bytes in order)
+    ahead = None if files.being_hashed(ck) else _Ahead([n for n in order if plan.get(n, ("",))[0] == "out"], project)
+
+    def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
+        how, _ = plan.get(name, ("", ""))
+        if how == "rows":
+            return _rows_projected(f, name, q, dev)
+        if how == "out":
+            return ahead.take(name, f) if ahead is not None else in_turn(f, name)
+        return None  # copied as stored
+
+    def in_turn(f: Any, name: str) -> Iterator[torch.Tensor]:
+        with files.work_buffers(numel(f.shape(name)), [f.dtype(name)], "cpu") as (buf,):
+            out = project(f, name, buf)
+            for j in range(0, out.numel(), files.PIECE):
+                yield out[j:j + files.PIECE]
+
+    try:
+        return write_checkpoint(ck, out, None, prov, overwrite=overwrite, extra=extra, sources=sources,
+                                side_files=(lambda tmp: cfg.save_pretrained(tmp)) if cfg is not None else None,
+                                progress=progress, keep_remote_code=trust_remote_code, pieces=tensor, threads=threads)
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 def bake(edit: Any, model: Any, out: str | os.PathLike, *, provenance: Mapping[str, Any], overwrite: bool = False,

@@ -567,6 +567,11 @@ def _remember(files: tuple[tuple[str, int, int], ...], digest: str) -> None:
         pass  # a read-only cache: hashed again next time
 
 
+def being_hashed(ck: Checkpoint) -> bool:
+    """Whether a lazy fingerprint of ``ck`` is being fed by its reads (which must then come in order)."""
+    return any(_FEEDERS.get(f._key) is not None for f in ck.files.values())
+
+
 def resolve_fingerprints(text: str) -> str:
     """``text`` with every placeholder of :meth:`Checkpoint.fingerprint` (``lazy=True``) replaced by
     its digest (hashing what was not read yet)."""
@@ -896,15 +901,21 @@ def finite(t: torch.Tensor) -> bool:
 
 def _write_pieces(w: ShardWriter, n: str, f: SafetensorsFile, it: Iterator[torch.Tensor] | None) -> None:
     w.begin(n)
+    # The tensor's last piece is written before its producer is asked for more: a producer gives its
+    # reused buffers back when it finishes, and another thread (a bake's projections) may take them.
     if it is None:
         for p in f.pieces(n, written=True):  # copied as stored
             w.write_piece(p)
+            if not w._left:
+                w._wait()
     else:
         for p in it:
             if not finite(p):
                 raise ValueError(f"{n}: the edit made NaN or infinite values (check the edit's scale and vectors, "
                                  "and that its inputs hold finite values)")
             w.write_piece(p)
+            if not w._left:
+                w._wait()
     w.end()
 
 
