@@ -305,31 +305,30 @@ class _Ahead:
     the tensors before them are written (the copies between them pass meanwhile). Two output
     buffers alternate: the one being filled is the one whose tensor was written two turns ago."""
 
-    def __init__(self, names: list[str], compute: Any):
+    def __init__(self, ck: Checkpoint, names: list[str], compute: Any):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.names, self.at = names, {n: i for i, n in enumerate(names)}
+        self.ck, self.names, self.at = ck, names, {n: i for i, n in enumerate(names)}
         self.compute = compute
         self.bufs: list[torch.Tensor | None] = [None, None]
         self.jobs: dict[str, Any] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="steering-project")
 
-    def _start(self, i: int, f: Any) -> None:
+    def _start(self, i: int) -> None:
         if i >= len(self.names) or self.names[i] in self.jobs:
             return
         n = self.names[i]
-        if n not in f.entries:  # the next one lies in another shard: started when that shard begins
-            return
+        f = self.ck.file(n)  # the shard the index places it in (the next one may lie in the next shard)
         need = numel(f.shape(n)) * f.dtype(n).itemsize
         if self.bufs[i % 2] is None or self.bufs[i % 2].numel() < need:
             self.bufs[i % 2] = torch.empty(need, dtype=torch.uint8)
         self.jobs[n] = self.pool.submit(self.compute, f, n, self.bufs[i % 2])
 
-    def take(self, name: str, f: Any) -> Iterator[torch.Tensor]:
+    def take(self, name: str) -> Iterator[torch.Tensor]:
         i = self.at[name]
-        self._start(i, f)
+        self._start(i)
         out = self.jobs.pop(name).result()
-        self._start(i + 1, f)
+        self._start(i + 1)
         for j in range(0, out.numel(), files.PIECE):  # views of a buffer that is not touched until two turns on
             yield out[j:j + files.PIECE]
 
@@ -400,14 +399,14 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
             "base_sha256": ck.fingerprint(lazy=True), **dict(edit.meta), **(provenance or {})}
     order = [n for s, f in ck.files.items() for n in f.keys() if ck.where.get(n) == s]  # write_checkpoint's
     # projected ahead unless the checkpoint is being hashed as it is read (that needs its bytes in order)
-    ahead = None if files.being_hashed(ck) else _Ahead([n for n in order if plan.get(n, ("",))[0] == "out"], project)
+    ahead = None if files.being_hashed(ck) else _Ahead(ck, [n for n in order if plan.get(n, ("",))[0] == "out"], project)
 
     def tensor(name: str, f: Any) -> Iterator[torch.Tensor] | None:
         how, _ = plan.get(name, ("", ""))
         if how == "rows":
             return _rows_projected(f, name, q, dev)
         if how == "out":
-            return ahead.take(name, f) if ahead is not None else in_turn(f, name)
+            return ahead.take(name) if ahead is not None else in_turn(f, name)
         return None  # copied as stored
 
     def in_turn(f: Any, name: str) -> Iterator[torch.Tensor]:
