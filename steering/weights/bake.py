@@ -352,7 +352,9 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
     untied: the original embedding is written as the head and the config says so. Refuses, naming
     the tensor, a checkpoint whose tensor names are not the model's (load it and bake instead).
     Tensors it does not edit are copied piece by piece, rows of an embedding are projected piece by
-    piece, and the reads, hashing and writes run beside the arithmetic (``threads``: see
+    piece, each ``o_proj``/``down_proj`` kind of tensor is projected one ahead in a thread of its
+    own (in its turn while the checkpoint is being hashed, which needs its bytes read in order),
+    and the reads, hashing and writes run beside the arithmetic (``threads``: see
     :func:`steering.weights.write_checkpoint`). ``device="cuda"`` projects on a GPU (its matrix
     products may round differently from the CPU's in the last bit)."""
     from .taskvec import work_device
