@@ -212,10 +212,7 @@ class SafetensorsFile:
         """Fill ``buf`` (a writable buffer) from byte ``offset``: a positioned read, safe from any
         thread; the bytes also feed a pending fingerprint of this file (see :class:`_SeqHash`),
         whose hashing job is returned: ``buf`` must not change before it is done."""
-        if self._f is None:
-            with self._lock:
-                if self._f is None:
-                    self._f = os.open(self.path, os.O_RDONLY)
+        self._open()
         mv, got = memoryview(buf).cast("B"), 0
         while got < len(mv):
             n = os.preadv(self._f, [mv[got:]], offset + got)
@@ -232,16 +229,19 @@ class SafetensorsFile:
         dt = DTYPES[code]
         starts = list(starts)
         out = torch.empty(len(starts) * length * dt.itemsize, dtype=torch.uint8)
-        if self._f is None:
-            with self._lock:
-                if self._f is None:
-                    self._f = os.open(self.path, os.O_RDONLY)
+        self._open()
         raw, step = out.numpy(), length * dt.itemsize
         for j, st in enumerate(starts):
             if st < 0 or st + length > numel(shape):
                 raise IndexError(f"{name}: entries {st}..{st + length} outside its {numel(shape)}")
             self._read_raw(self.data_start + b + st * dt.itemsize, raw[j * step:(j + 1) * step])
         return out.view(dt)
+
+    def _open(self) -> None:
+        if self._f is None:
+            with self._lock:
+                if self._f is None:
+                    self._f = os.open(self.path, os.O_RDONLY)
 
     def _read_raw(self, offset: int, buf: Any) -> None:
         mv = memoryview(buf).cast("B")
@@ -659,6 +659,8 @@ class ShardWriter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="steering-write")
         self._pending = self._pool.submit(self._f.write, data)
+        if not self._left:  # the tensor's last bytes: written before the producer (whose buffers another
+            self._wait()  # thread may take once it finishes, as a bake's projections do) is asked for more
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -901,22 +903,21 @@ def finite(t: torch.Tensor) -> bool:
 
 def _write_pieces(w: ShardWriter, n: str, f: SafetensorsFile, it: Iterator[torch.Tensor] | None) -> None:
     w.begin(n)
-    # The tensor's last piece is written before its producer is asked for more: a producer gives its
-    # reused buffers back when it finishes, and another thread (a bake's projections) may take them.
     if it is None:
         for p in f.pieces(n, written=True):  # copied as stored
             w.write_piece(p)
-            if not w._left:
-                w._wait()
     else:
         for p in it:
-            if not finite(p):
-                raise ValueError(f"{n}: the edit made NaN or infinite values (check the edit's scale and vectors, "
-                                 "and that its inputs hold finite values)")
+            check_edited(n, p)
             w.write_piece(p)
-            if not w._left:
-                w._wait()
     w.end()
+
+
+def check_edited(name: str, t: torch.Tensor) -> None:
+    """An error naming ``name`` if the edited values ``t`` hold NaN or ±inf."""
+    if not finite(t):
+        raise ValueError(f"{name}: the edit made NaN or infinite values (check the edit's scale and vectors, "
+                         "and that its inputs hold finite values)")
 
 
 class compute_threads:

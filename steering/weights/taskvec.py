@@ -781,7 +781,8 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
     if window is None:
         raise _BracketMissed
     lo, hi = window
-    rank = {n: i for i, n in enumerate(sorted(harm.names))}
+    names = sorted(harm.names)
+    rank = {n: i for i, n in enumerate(names)}
     undecided: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, flat index, bits, value)
     count = {"above": 0, "undecided": 0}
 
@@ -809,9 +810,7 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
                 idx = _where(und, lo if lo == hi else -1)
                 if len(idx):  # decided after the pass: its value if kept, computed as the kept ones are
                     val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
-                    if not files.finite(val):  # these bypass the writer's check
-                        raise ValueError(f"{name}: the edit made NaN or infinite values (check the edit's scale and "
-                                         "vectors, and that its inputs hold finite values)")
+                    files.check_edited(name, val)  # these bypass the writer's check
                     mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
                     flat = (idx + at).to("cpu")
                     undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
@@ -840,25 +839,20 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
             v = int(torch.sort(every, descending=True).values[need - 1])
             ties_left = need - int(torch.count_nonzero(every > v))
         del every
-        tie_counts: dict[int, int] = {}
-        for r, _, b, _ in undecided:
-            tie_counts[r] = tie_counts.get(r, 0) + int(torch.count_nonzero(b == v))
-        allowed: dict[int, int] = {}
-        for r in sorted(tie_counts):  # ties go in name order, then index order (each tensor's entries are in order)
-            allowed[r] = min(tie_counts[r], ties_left)
-            ties_left -= allowed[r]
-        names = sorted(harm.names)
         by_tensor: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for r, ix, b, val in undecided:  # each tensor's entries are in index order
             by_tensor.setdefault(r, []).append((ix, b, val))
+        undecided.clear()
         shards: dict[str, SafetensorsFile] = {}  # each written shard's header parsed once
         try:
-            for r in sorted(by_tensor):
+            for r in sorted(by_tensor):  # ties go in name order, then index order
                 parts = by_tensor.pop(r)
                 ix, b, val = (torch.cat([p[j] for p in parts]) if len(parts) > 1 else parts[0][j] for j in range(3))
                 pick = b > v
-                if allowed.get(r, 0):
-                    pick[(b == v).nonzero().squeeze(1)[:allowed[r]]] = True  # the first ties by index
+                if ties_left:
+                    at_v = (b == v).nonzero().squeeze(1)[:ties_left]  # the first ties by index
+                    pick[at_v] = True
+                    ties_left -= len(at_v)
                 if bool(pick.any()):
                     name = names[r]
                     shard = tgt.where[name]
