@@ -329,8 +329,7 @@ class _Ahead:
         self._start(i)
         out = self.jobs.pop(name).result()
         self._start(i + 1)
-        for j in range(0, out.numel(), files.PIECE):  # views of a buffer that is not touched until two turns on
-            yield out[j:j + files.PIECE]
+        yield from files.flat_pieces(out)  # views of a buffer that is not touched until two turns on
 
     def close(self) -> None:
         for job in self.jobs.values():
@@ -413,9 +412,7 @@ def bake_ablation_stream(edit: Any, source: str | os.PathLike, out: str | os.Pat
 
     def in_turn(f: Any, name: str) -> Iterator[torch.Tensor]:
         with files.work_buffers(numel(f.shape(name)), [f.dtype(name)], "cpu") as (buf,):
-            out = project(f, name, buf)
-            for j in range(0, out.numel(), files.PIECE):
-                yield out[j:j + files.PIECE]
+            yield from files.flat_pieces(project(f, name, buf))
 
     try:
         return write_checkpoint(ck, out, None, prov, overwrite=overwrite, extra=extra, sources=sources,

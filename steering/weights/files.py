@@ -114,6 +114,13 @@ class work_buffers:
             self.bases = []
 
 
+def flat_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The flattened ``t`` in consecutive views of :data:`PIECE` entries."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), PIECE):
+        yield flat[i:i + PIECE]
+
+
 def numel(shape: Iterable[int]) -> int:
     """Number of entries of a tensor of ``shape`` (1 for a scalar)."""
     return math.prod(shape)

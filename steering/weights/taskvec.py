@@ -76,7 +76,7 @@ class TaskVector:
         return self._pieces(name, work_device(device))
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
-        yield from _flat_pieces(self._get(name).to(device))  # the default: computed whole, handed out in pieces
+        yield from files.flat_pieces(self._get(name).to(device))  # the default: computed whole, handed out in pieces
 
     def read_order(self) -> list[str]:
         """The names in the order the inputs' bytes lie on disk (passes over the vector go this way,
@@ -406,12 +406,6 @@ def _check_finite(counts: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: the task vector has NaN or infinite entries")
 
 
-def _flat_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    flat = t.reshape(-1)
-    for i in range(0, flat.numel(), files.PIECE):
-        yield flat[i:i + files.PIECE]
-
-
 class Threshold:
     """The exact k-th largest magnitude of a set of tensors, and how many of its ties to keep.
 
@@ -497,7 +491,7 @@ class Threshold:
     def mask(self, name: str, t: torch.Tensor) -> torch.Tensor:
         keep = torch.empty(t.numel(), dtype=torch.bool, device=t.device)  # filled piece by piece
         seen, at = 0, 0
-        for piece in _flat_pieces(t):
+        for piece in files.flat_pieces(t):
             m, n_ties = self.keep(name, piece, seen)
             keep[at:at + piece.numel()] = m
             seen, at = seen + n_ties, at + piece.numel()
@@ -525,7 +519,7 @@ class _TopK(TaskVector):
         if self.scope == "global":
             th = self.threshold()
         else:
-            th = Threshold(lambda _: (p.clone() for p in _flat_pieces(t)), [name], self.k_of(t.numel()))  # the passes overwrite pieces
+            th = Threshold(lambda _: (p.clone() for p in files.flat_pieces(t)), [name], self.k_of(t.numel()))  # the passes overwrite pieces
         return t.masked_fill_(th.mask(name, t).logical_not_(), 0.0)
 
     def _pieces(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
