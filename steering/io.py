@@ -59,21 +59,46 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     return gone
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+def _libc(name: str, argtypes: list) -> Any:
+    """The Linux C library's function ``name``, or None where there is none."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    fn = _libc("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
+    if fn is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def reserve(fd: int, size: int, path: str | os.PathLike) -> None:
+    """Allocate the ``size`` bytes a file being written will hold, at once (Linux ``fallocate(2)``):
+    the file system maps its blocks in one step rather than page by page as the writes come, and a
+    disk too small fails here, before any work, with an OSError naming ``path``. Where the call is
+    not supported it does nothing (no emulation by writing zeros, as ``posix_fallocate`` would)."""
+    import ctypes
+    import errno
+
+    fn = _libc("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+    if fn is None or size <= 0 or fn(fd, 0, 0, size) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        raise OSError(err, f"{path}: cannot hold the {size} bytes it is to be written with ({os.strerror(err)})")
 
 
 def _prefix(path: Path, kind: str = "tmp") -> str:

@@ -16,6 +16,23 @@ def test_help_lists_commands():
         assert cmd in out
 
 
+def test_the_process_entry_point_freezes_and_main_does_not(tmp_path):
+    """``run`` (what ``steering`` and ``python -m steering.cli`` call) keeps the imports' objects out
+    of the garbage collector before the job and what the job left after it, and returns main's
+    status; ``main``, which notebooks call, freezes nothing."""
+    missing = str(tmp_path / "missing")
+    code = ("import gc\nimport steering.cli.parser as p\nreal, seen = p.main, []\n"
+            f"m = real(['info', {missing!r}])\nassert gc.get_freeze_count() == 0, 'main froze'\n"
+            "p.main = lambda argv: seen.append(gc.get_freeze_count()) or real(argv)\n"
+            f"r = p.run(['info', {missing!r}])\nprint(m, r, seen[0] > 10000, gc.get_freeze_count() > seen[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "2", "True", "True"]
+    assert done.stderr.count("missing") == 2  # both still report the error
+    done = subprocess.run([sys.executable, "-m", "steering.cli", "info", missing], capture_output=True, text=True)
+    assert done.returncode == 2 and "missing" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")

@@ -400,6 +400,56 @@ def test_the_writer_reports_the_first_error(tmp_path, inputs, capsys, monkeypatc
     assert "not written" not in last and os.listdir(tmp_path) == []
 
 
+def _fallocate_failing_with(err, calls):
+    import ctypes
+
+    def fallocate(fd, mode, offset, size):
+        calls.append(size)
+        ctypes.set_errno(err)
+        return -1
+
+    return lambda name, argtypes: fallocate if name == "fallocate" else None
+
+
+def test_a_disk_too_small_is_refused_before_any_write(tmp_path, inputs, unchanged, capsys, monkeypatch):
+    import errno
+
+    import steering.io as sio
+    import steering.weights as w
+
+    calls, writes = [], []
+    monkeypatch.setattr(sio, "_libc", _fallocate_failing_with(errno.ENOSPC, calls))
+    real = w.ShardWriter.write_piece
+    monkeypatch.setattr(w.ShardWriter, "write_piece", lambda self, piece: (writes.append(1), real(self, piece)))
+    last = _fails(capsys, ["bake", inputs / "model", "--edit", inputs / "edits" / "ablate.safetensors",
+                           "--out", tmp_path / "baked"], "model.safetensors", "cannot hold")
+    assert calls and calls[0] > (inputs / "model" / "model.safetensors").stat().st_size // 2
+    assert writes == [] and os.listdir(tmp_path) == [], last
+
+
+def test_a_file_system_without_fallocate_still_gets_the_output(tmp_path, inputs, monkeypatch):
+    import errno
+
+    import steering.io as sio
+
+    calls = []
+    monkeypatch.setattr(sio, "_libc", _fallocate_failing_with(errno.EOPNOTSUPP, calls))
+    out = tmp_path / "baked"
+    assert main(["bake", str(inputs / "model"), "--edit", str(inputs / "edits" / "ablate.safetensors"),
+                 "--out", str(out)]) == 0
+    assert calls and load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate(2) is Linux's")
+def test_reserve_allocates_the_whole_file(tmp_path):
+    from steering.io import reserve
+
+    p = tmp_path / "f"
+    with open(p, "wb") as f:
+        reserve(f.fileno(), 3 << 20, p)
+    assert p.stat().st_size == 3 << 20 and p.stat().st_blocks * 512 >= 3 << 20
+
+
 def test_nan_ablation_basis_is_refused_by_the_api():
     with pytest.raises(ValueError, match="NaN"):
         Ablation(torch.full((8,), float("nan")))

@@ -1,5 +1,5 @@
 import sys
 
-from .parser import main
+from .parser import run
 
-sys.exit(main())
+sys.exit(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Sequence
 
@@ -204,3 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{end_progress_bars()}steering {args.command}: interrupted (outputs appear only once complete)",
               file=sys.stderr)
         return 130
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The entry point of the ``steering`` process (``steering ...``, ``python -m steering.cli``):
+    :func:`main`, with the objects of the imports frozen out of the garbage collector
+    (:func:`gc.freeze`) before the job and everything frozen after it. The interpreter's collections
+    then skip torch's hundreds of thousands of module objects, during the job and at exit, where
+    they cost about half a second a process (``experiments/bench_stream.py`` measures the jobs).
+    Only for a process of its own: :func:`main`, which tests and notebooks call, freezes nothing,
+    so what they made earlier stays collectable."""
+    gc.freeze()
+    try:
+        return main(argv)
+    finally:
+        gc.freeze()  # nothing left to collect at exit: the outputs are written and closed

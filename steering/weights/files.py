@@ -624,7 +624,14 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self._header = blob
+        from ..io import reserve
+
         self._f = open(self.path, "wb")
+        try:
+            reserve(self._f.fileno(), 8 + len(blob) + offset, self.path)  # its blocks mapped in one step
+        except BaseException:
+            self._f.close()
+            raise
         self._f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
         self._left = -1  # bytes still owed to the tensor begun with begin()
