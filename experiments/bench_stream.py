@@ -10,9 +10,14 @@ noise) of the TinyLlama-1.1B shape (d 2048, MLP 5632, 32k vocabulary, untied hea
 is measured, not assumed. ``--device`` is passed to steering's jobs (mergekit, the floors and the
 bare loop run on the CPU). Then, in one run per size, each
 job is timed as a fresh process, side by side with the floor of the same bytes, ``--repeats`` times
-in interleaved order (medians reported; before each, untimed, a ``sync`` and a read of the job's
-inputs, so every job starts from the same warm page cache: this machine's kernel pages out what
-has not been touched for a minute; outputs deleted after). steering's jobs run twice: with the
+in interleaved order (medians reported). Before each, untimed: a read of the job's inputs and a
+``sync``, so every job starts from the same warm page cache (this machine's kernel pages out what
+has not been touched for a minute), and then, the last thing before the job, the previous job's
+output is deleted. That order matters on a virtual machine with free page reporting
+(virtio-balloon, as here): memory the guest frees is handed back to the host within seconds, and
+writing into it again costs a host page fault per page. Deleted a second earlier, the 1.1B copy
+floor took 4.8–5.1 s instead of 0.85 s; deleted just before, every job writes into memory freed a
+moment ago, as on a machine without the balloon. steering's jobs run twice: with the
 inputs' fingerprints remembered from an earlier edit (the cache is filled before the timed runs),
 and with an empty ``$STEERING_CACHE`` (the architecture plans kept), so they hash their inputs:
 
@@ -139,7 +144,6 @@ for f in sorted(os.listdir(ft)):
 
 def timed(cmd: str) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of a shell command run under /usr/bin/time."""
-    subprocess.run("sync", shell=True, check=True)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         t = time.perf_counter()
         done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, "bash", "-c", cmd],
@@ -216,8 +220,9 @@ def run_size(args: argparse.Namespace, layers: int) -> dict:
         peaks: dict[str, list[int]] = {k: [] for k in jobs}
         for r in range(args.repeats):
             for label, (cmd, inputs) in jobs.items():
-                shutil.rmtree(out, ignore_errors=True)
-                subprocess.run(f"cat {' '.join(f'{i}/*.safetensors' for i in inputs)} > /dev/null", shell=True, check=True)
+                subprocess.run(f"cat {' '.join(f'{i}/*.safetensors' for i in inputs)} > /dev/null && sync", shell=True,
+                               check=True)
+                shutil.rmtree(out, ignore_errors=True)  # the last thing before the job: see the module docstring
                 secs, peak = timed(cmd)
                 times[label].append(secs)
                 peaks[label].append(peak)
