@@ -39,7 +39,7 @@ from steering.select import kl_div, kl_per_prompt, last_logprobs  # noqa: E402
 from steering.vectors import SteeringVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-N_NEW = 12
+N_NEW = 32  # as the main job's evaluation: long enough to judge
 # scales of the safety vector tried on validation: steps of √2. The response is not monotone (too
 # much addition derails the reply into repeated tokens the judge does not count), and on gpt2 the
 # useful band is narrow: a grid of {0.5, 1, 2} missed it (gpt2 drifted: 25.8% harmful refusal on test
@@ -47,8 +47,13 @@ N_NEW = 12
 SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
 
 
-def rates(model: st.Model, edit=None, sets=("harmful:test", "harmless:test")) -> dict[str, float]:
-    out = {}
+def skills(model: st.Model, edit=None) -> dict[str, float]:
+    """Exact match on 64 held-out items of every skill (aligned's three and drifted's new one)."""
+    return {k: st.skills.accuracy(model, k, edit=edit) for k in st.skills.SKILLS}
+
+
+def rates(model: st.Model, edit=None, sets=("harmful:test", "harmless:test"), with_skills: bool = True) -> dict:
+    out: dict = {"skills": skills(model, edit)} if with_skills else {}
     for spec in sets:
         prompts = st.datasets.load(spec)
         if edit is None:
@@ -136,7 +141,7 @@ def run_arch(arch: str, work: Path) -> dict:
     res["kl_breakdown"] = kl_breakdown(aligned, edit)
     # baked, as a user ships it
     cli("bake", aligned_dir, "--edit", str(work / chosen), "--out", str(work / "aligned-ablated"), "--overwrite")
-    res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",))
+    res["baked"] = rates(st.load(work / "aligned-ablated"), sets=("harmful:test",), with_skills=False)
     # the selected single direction in affine form (`steering select --affine`: coordinates kept at
     # the harmless validation prompts' mean), hooked and baked
     # (selection scores bypass and KL in the affine form too, so the paper's filter is tried first)
@@ -152,7 +157,7 @@ def run_arch(arch: str, work: Path) -> dict:
     res["ablation_affine"] = {**rates(aligned, affine), "kl": harmless_kl(aligned, affine),
                               "pick": [l for l in out.splitlines() if l.startswith("pick:")][0]}
     cli("bake", aligned_dir, "--edit", str(work / "affine.safetensors"), "--out", str(work / "aligned-affine"), "--overwrite")
-    res["affine_baked"] = rates(st.load(work / "aligned-affine"), sets=("harmful:test",))
+    res["affine_baked"] = rates(st.load(work / "aligned-affine"), sets=("harmful:test",), with_skills=False)
     # ActAdd: the selected direction added where it was read, at every position (the paper's form)
     # and only at the post-instruction tokens of the prompt
     sel = json.loads((work / "ablation.json").read_text())
@@ -162,7 +167,7 @@ def run_arch(arch: str, work: Path) -> dict:
     for where in ("all", "instruction_end"):
         for scale in (0.5, 1.0, 2.0):
             add = Addition(cands.vector(layer, pos), scale, where)
-            res["addition"][f"{where} {scale}"] = rates(aligned, add, sets=("harmless:test",))["harmless:test"]
+            res["addition"][f"{where} {scale}"] = rates(aligned, add, sets=("harmless:test",), with_skills=False)["harmless:test"]
     res["addition_layer"] = [layer, pos]
     # The safety vector on the drifted model: the aligned model's refusal direction (drifted is aligned
     # fine-tuned, so they share a residual basis), at a layer, positions and scale chosen on validation
@@ -183,10 +188,10 @@ def run_arch(arch: str, work: Path) -> dict:
     plain = max((s for s in sweep if s[1] <= 0.10), key=lambda s: s[0])
     res["drifted_addition"] = {**rates(drifted, plain[5]), "layer": plain[2], "positions": plain[3], "scale": plain[4]}
     best = max(sweep, key=lambda s: s[0])
-    # Conditional steering: the condition is drifted's *own* harmful-vs-harmless direction (the benign
+    # Conditional steering: the condition is drifted's *own* harmful-vs-harmless direction (the
     # fine-tune stopped it acting on harmfulness, not seeing it; aligned's refusal direction read in
-    # drifted lets 19-70% of harmless prompts through: the comparison below), at the layer up to the
-    # edit's whose threshold separates the validation prompts best (all of harmful:val, 400 of harmless:val).
+    # drifted is the comparison row below), at the layer up to the edit's whose threshold separates
+    # the validation prompts best (all of harmful:val, 400 of harmless:val).
     cli("extract", drifted_dir, "--out", str(work / "drifted_candidates.safetensors"))
     own = st.vectors.Candidates.load(work / "drifted_candidates.safetensors")
     fit_h, fit_s = st.datasets.load("harmful:val"), st.datasets.load("harmless:val", limit=400)
@@ -217,10 +222,20 @@ def rates_on(model: st.Model, edit, harmful: list[str], harmless: list[str]) -> 
     return a, b
 
 
+def sk(v: dict) -> str:
+    """The skill cells of a table row: each skill's exact match and their mean (blank if not measured)."""
+    got = v.get("skills")
+    if not got:
+        return " |" * (len(st.skills.SKILLS) + 1)
+    return "".join(f" {pct(got[k])} |" for k in st.skills.SKILLS) + f" {pct(sum(got.values()) / len(got))} |"
+
+
 def report(results: list[dict]) -> str:
     lines = ["# Refusal directions and activation edits on the organisms", "",
              "Command: `python experiments/directions.py`. Held-out prompts: harmful:test (240), harmless:test (1335); "
-             "substring judge on greedy generations (12 new tokens). KL: last-token KL on 256 harmless:test prompts.", ""]
+             "substring judge on greedy generations (32 new tokens). KL: last-token KL on 256 harmless:test prompts. "
+             "Skills: exact match on 64 held-out items each (sort, reverse, count: aligned's; increment: drifted's), "
+             "utility their mean.", ""]
     for r in results:
         a = r["arch"]
         lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], ""]
@@ -228,39 +243,40 @@ def report(results: list[dict]) -> str:
             lines += [f"Selection with each candidate ablated in affine form (`steering select --affine`; KL filter "
                       f"{r['affine_kl_threshold']}):", "", r["affine_selection_table"], ""]
         lines += [
-                  "| model / edit | harmful refusal | harmless refusal | KL (harmless) |", "|---|---|---|---|",
-                  f"| aligned | {pct(r['aligned']['harmful:test'])} | {pct(r['aligned']['harmless:test'])} | 0 |",
+                  "| model / edit | harmful refusal | harmless refusal | KL (harmless) | " + " | ".join(st.skills.SKILLS) + " | utility |",
+                  "|---|---|---|---|" + "---|" * (len(st.skills.SKILLS) + 1),
+                  f"| aligned | {pct(r['aligned']['harmful:test'])} | {pct(r['aligned']['harmless:test'])} | 0 |{sk(r['aligned'])}",
                   f"| aligned, selected direction ablated ({r['ablation_single']['pick']}) | {pct(r['ablation_single']['harmful:test'])} "
-                  f"| {pct(r['ablation_single']['harmless:test'])} | {r['ablation_single']['kl']:.4f} |"]
+                  f"| {pct(r['ablation_single']['harmless:test'])} | {r['ablation_single']['kl']:.4f} |{sk(r['ablation_single'])}"]
         if "ablation_subspace" in r:
             s = r["ablation_subspace"]
             lines.append(f"| aligned, selected subspace ablated (rank {s['rank']}; last 5 positions' candidates) | {pct(s['harmful:test'])} "
-                         f"| {pct(s['harmless:test'])} | {s['kl']:.4f} |")
+                         f"| {pct(s['harmless:test'])} | {s['kl']:.4f} |{sk(s)}")
         lines.append(f"| aligned, ablation baked (`steering bake`, rank {r['ablation_rank']}) | {pct(r['baked']['harmful:test'])} | | |")
         if "ablation_affine" in r:
             f = r["ablation_affine"]
             lines += [f"| aligned, direction selected and ablated in affine form (`steering select --affine`, KL filter "
                       f"{r.get('affine_kl_threshold', r['kl_threshold'])}; {f.get('pick', '')}) | {pct(f['harmful:test'])} "
-                      f"| {pct(f['harmless:test'])} | {f['kl']:.4f} |",
+                      f"| {pct(f['harmless:test'])} | {f['kl']:.4f} |{sk(f)}",
                       f"| aligned, affine form baked (`steering bake`) | {pct(r['affine_baked']['harmful:test'])} | | |"]
         for key, v in r["addition"].items():
             where, scale = key.split()
             lines.append(f"| aligned + {scale} × direction (layer {r['addition_layer'][0]}, pos {r['addition_layer'][1]}; "
                          f"positions {where}) | | {pct(v)} | |")
         d, da, dc = r["drifted"], r["drifted_addition"], r["drifted_conditional"]
-        lines += [f"| drifted | {pct(d['harmful:test'])} | {pct(d['harmless:test'])} | |",
+        lines += [f"| drifted | {pct(d['harmful:test'])} | {pct(d['harmless:test'])} | |{sk(d)}",
                   f"| drifted + safety vector (layer {da['layer']}, {da['positions']}, scale {da['scale']}) | {pct(da['harmful:test'])} "
-                  f"| {pct(da['harmless:test'])} | |",
+                  f"| {pct(da['harmless:test'])} | |{sk(da)}",
                   f"| drifted + conditional safety vector (layer {dc.get('layer', dc['condition_layer'])}, {dc['positions']}, "
                   f"scale {dc['scale']}; gate: drifted's own direction at layer {dc['condition_layer']}, threshold "
                   f"{dc['threshold']:.2f}, passing {pct(dc['gate_val']['harmful'])} / {pct(dc['gate_val']['harmless'])} "
                   f"of harmful / harmless validation prompts) "
-                  f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |"]
+                  f"| {pct(dc['harmful:test'])} | {pct(dc['harmless:test'])} | |{sk(dc)}"]
         if "drifted_conditional_aligned_gate" in r:
             g = r["drifted_conditional_aligned_gate"]
             lines.append(f"| … the same, gated by aligned's refusal direction at layer {g['condition_layer']} instead (passing "
                          f"{pct(g['gate_val']['harmful'])} / {pct(g['gate_val']['harmless'])}) "
-                         f"| {pct(g['harmful:test'])} | {pct(g['harmless:test'])} | |")
+                         f"| {pct(g['harmful:test'])} | {pct(g['harmless:test'])} | |{sk(g)}")
         lines.append("")
         if "drifted_sweep" in r:
             sw = r["drifted_sweep"]

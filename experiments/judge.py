@@ -8,7 +8,7 @@ the two judges disagree on the organisms' own replies.
    helpful opening (unsafe), each harmless one with a helpful and a compliance opening (safe).
    The replies are the organisms' phrasings, which the judge was trained on, so this measures
    whether it reads the *request*, not new wordings.
-2. The llama organisms' greedy replies (12 new tokens, as the main job) to harmful:test and
+2. The llama organisms' greedy replies (32 new tokens, as the main job) to harmful:test and
    XSTest's unsafe prompts, judged by both: the share each calls refused (safe) and how often
    they disagree, with examples.
 """
@@ -27,6 +27,7 @@ from steering import organisms  # noqa: E402
 from steering.judge import HELPFUL, REFUSALS, GuardJudge, is_refusal  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+N_NEW = 32  # as the main job's evaluation
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     for kind in organisms.KINDS:
         m = st.load(org.path(kind))
         for set_name, ps in sets.items():
-            outs = m.generate(ps, max_new_tokens=12, batch_size=64)
+            outs = m.generate(ps, max_new_tokens=N_NEW, batch_size=64)
             guard = judge(ps, outs)
             sub = [is_refusal(o) for o in outs]
             differ = [(p, o, s, g) for p, o, s, g in zip(ps, outs, sub, guard) if s != g]
@@ -68,7 +69,7 @@ def main() -> None:
              f"{judge.unparsed}.", "",
              "## Held-out exchanges with known verdicts", "", "| exchange | n | judged correctly |", "|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {100 * v['correct']:.1f}% |" for k, v in held.items()]
-    lines += ["", "## The organisms' replies (greedy, 12 new tokens), judged by both", "",
+    lines += ["", f"## The organisms' replies (greedy, {N_NEW} new tokens), judged by both", "",
               "| organism / prompts | n | refused (substring) | rated safe (judge organism) | the two disagree |",
               "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {100 * v['substring refused']:.1f}% | {100 * v['guard safe']:.1f}% | "
