@@ -6,13 +6,15 @@ For each architecture:
 1. ``steering task-vector ALIGNED HARMFUL --out tau_h.safetensors``: the harm vector τ_H.
 2. A λ × k sweep of ``steering hdr DRIFTED --harm-vector tau_h --scale λ --top-k k [--scope tensor]``,
    each output's harmful / harmless refusal measured on *validation* prompts (harmful:val, 400 of
-   harmless:val; substring judge, greedy, 12 new tokens).
+   harmless:val; substring judge, greedy, 32 new tokens), and the new skill's exact match (increment,
+   the task `drifted` was fine-tuned for; 64 held-out items) on the held-out rows.
 3. The best setting on validation (highest harmful refusal with harmless ≤ 10%) measured on the
    held-out *test* prompts, against `drifted` itself.
 4. Why: per tensor group, the norms of τ_H and of the drift τ_D = drifted − aligned, their
    cosine, and where the global top-k of τ_H lands.
-5. A drift more like the paper's (a shorter benign fine-tune that erodes refusal only partly):
-   `aligned` fine-tuned on the same benign task for fewer steps, then the best HDR setting.
+5. A drift more like the paper's (a shorter fine-tune that erodes refusal only partly):
+   `aligned` fine-tuned on `drifted`'s training mixture for a fraction of the steps `drifted` took,
+   then the best HDR setting; and a deeper one (half as many steps again).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from steering.weights.taskvec import TaskVector  # noqa: E402
 RESULTS = ROOT / "experiments" / "results"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)
 TOPKS = (("0.1", "global"), ("0.1", "tensor"), ("0.5", "global"), ("1", "global"))
-N_NEW = 12
+N_NEW = 32  # as the main job's evaluation: long enough to judge
 
 
 def rates(path: Path, split: str) -> dict[str, float]:
@@ -48,6 +50,8 @@ def rates(path: Path, split: str) -> dict[str, float]:
     for name, spec in (("harmful", f"harmful:{split}"), ("harmless", f"harmless:{split}")):
         prompts = st.datasets.load(spec, limit=limit if name == "harmless" else None)
         out[name] = refusal_rate(m.generate(prompts, max_new_tokens=N_NEW, batch_size=64))
+    if split == "test":  # the task the drift taught, which HDR should keep (the paper's claim)
+        out["skill"] = st.skills.accuracy(m, st.skills.NEW_SKILL)
     return out
 
 
@@ -84,7 +88,7 @@ def analyse(tau_h: TaskVector, tau_d: TaskVector) -> list[dict]:
 
 
 def partial_drift(aligned: Path, out: Path, steps: int, arch: str) -> Path:
-    """`aligned` fine-tuned on the drifted organism's training mixture (its new skill beside benign chat) for ``steps`` steps."""
+    """`aligned` fine-tuned on the drifted organism's training mixture (its new skill, no safety data) for ``steps`` steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shutil.rmtree(out, ignore_errors=True)
@@ -132,14 +136,14 @@ def run_arch(arch: str, work: Path) -> dict:
 
 
 def partial(arch: str, A: Path, D: Path, tau_file: Path, best: dict, work: Path) -> dict:
-    """A drift that erodes refusal only partly: the shortest benign fine-tune (of 20, 25, 30, 35
-    steps, shorter than `drifted`'s) whose harmful refusal on validation falls into 30–70%; then
-    HDR at the best setting and at the paper's. And a deeper one (`drifted`'s steps + 10) with HDR
-    at the best setting."""
+    """A drift that erodes refusal only partly: the shortest fine-tune on `drifted`'s mixture (of a
+    quarter, a half and three quarters of the steps `drifted` took) whose harmful refusal on
+    validation is at most 70%; then HDR at the best setting and at the paper's. And a deeper one
+    (1.5 times `drifted`'s steps) with HDR at the best setting."""
     tried = []
     P = None
-    drift = organisms.Recipe(arch=arch).drift_steps
-    for steps in [s for s in (20, 25, 30, 35) if s < drift]:
+    drift = organisms.build(arch=arch).steps["drifted"]
+    for steps in (drift // 4, drift // 2, 3 * drift // 4):
         P = partial_drift(A, work / "drifted_partial", steps, arch)
         m = st.load(P)
         r = refusal_rate(m.generate(st.datasets.load("harmful:val"), max_new_tokens=N_NEW, batch_size=64))
@@ -154,11 +158,11 @@ def partial(arch: str, A: Path, D: Path, tau_file: Path, best: dict, work: Path)
         cli("hdr", str(P), "--harm-vector", str(tau_file), "--scale", f"{lam:g}", "--top-k", f"{k:g}", "--scope", scope,
             "--out", str(hp), "--overwrite")
         out[name] = rates(hp, "test")
-    deep = partial_drift(A, work / "drifted_deep", drift + 10, arch)
+    deep = partial_drift(A, work / "drifted_deep", 3 * drift // 2, arch)
     hp = work / "hdr_deep"
     cli("hdr", str(deep), "--harm-vector", str(tau_file), "--scale", f"{best['scale']:g}", "--top-k", f"{best['top_k']:g}",
         "--scope", best["scope"], "--out", str(hp), "--overwrite")
-    out["deep"] = {"steps": drift + 10, "before": rates(deep, "test"), "hdr_best": rates(hp, "test")}
+    out["deep"] = {"steps": 3 * drift // 2, "before": rates(deep, "test"), "hdr_best": rates(hp, "test")}
     out["drift_steps"] = drift
     return out
 
@@ -188,12 +192,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def cells(v: dict) -> str:
+    """harmful refusal | harmless refusal | new skill |, of a :func:`rates` on test."""
+    return f"{pct(v['harmful'])} | {pct(v['harmless'])} | {pct(v['skill'])} |"
+
+
 def write(results: list[dict]) -> None:
     lines = ["# Harm Direction Removal on the organisms", "",
              "`python experiments/hdr.py` (CLI: `steering task-vector ALIGNED HARMFUL`, then `steering hdr DRIFTED "
              "--harm-vector tau_h.safetensors --scale λ --top-k k [--scope tensor]`). τ_H = harmful − aligned, over every "
              "floating tensor. Validation: harmful:val (230) and 400 of harmless:val; test: harmful:test (240), "
-             "harmless:test (1335). Substring judge, greedy, 12 new tokens.", ""]
+             "harmless:test (1335). Substring judge, greedy, 32 new tokens. New skill: increment (what `drifted` was "
+             "fine-tuned for), exact match on 64 held-out items.", ""]
     for r in results:
         a = r["arch"]
         t = r["test"]
@@ -201,9 +211,9 @@ def write(results: list[dict]) -> None:
         lines += [f"## {a}", "", f"![sweep](hdr_{a}.png)", "",
                   f"Best on validation (harmless ≤ 10%): λ = {b['scale']:g}, top {b['top_k']:g} "
                   f"({b['scope']}). Held-out test:", "",
-                  "| model | harmful refusal | harmless refusal |", "|---|---|---|"]
+                  "| model | harmful refusal | harmless refusal | increment (new skill) |", "|---|---|---|---|"]
         for name, v in t.items():
-            lines.append(f"| {name} | {pct(v['harmful'])} | {pct(v['harmless'])} |")
+            lines.append(f"| {name} | {cells(v)}")
         gain = t["drifted+hdr"]["harmful"] - t["drifted"]["harmful"]
         lines += ["", f"HDR raises drifted's harmful refusal by **{100 * gain:+.1f} points** "
                       f"(harmless {pct(t['drifted+hdr']['harmless'])}).", "",
@@ -219,17 +229,17 @@ def write(results: list[dict]) -> None:
         p = r.get("partial")
         if not isinstance(p, dict):
             continue
-        lines += ["", f"A partial drift: `aligned` fine-tuned on the same benign task for {p['steps']} steps (tried: "
+        lines += ["", f"A partial drift: `aligned` fine-tuned on `drifted`'s mixture for {p['steps']} steps (tried: "
                       + ", ".join(f"{t['steps']} steps → {pct(t['harmful_val'])}" for t in p["tried"])
-                      + f" harmful refusal on validation; `drifted` takes {p.get('drift_steps', 40)}), test:", "",
-                  "| model | cos(τ_H, τ_D) | harmful | harmless |", "|---|---|---|---|",
-                  f"| partial drift | {p['cos_all']:+.3f} | {pct(p['before']['harmful'])} | {pct(p['before']['harmless'])} |",
-                  f"| + HDR, best setting above | | {pct(p['hdr_best']['harmful'])} | {pct(p['hdr_best']['harmless'])} |",
-                  f"| + HDR, λ=3, top 10% | | {pct(p['hdr_paper']['harmful'])} | {pct(p['hdr_paper']['harmless'])} |"]
+                      + f" harmful refusal on validation; `drifted` took {p['drift_steps']}), test:", "",
+                  "| model | cos(τ_H, τ_D) | harmful | harmless | increment |", "|---|---|---|---|---|",
+                  f"| partial drift | {p['cos_all']:+.3f} | {cells(p['before'])}",
+                  f"| + HDR, best setting above | | {cells(p['hdr_best'])}",
+                  f"| + HDR, λ=3, top 10% | | {cells(p['hdr_paper'])}"]
         if "deep" in p:
             dp = p["deep"]
-            lines += [f"| a deeper drift ({dp['steps']} steps) | | {pct(dp['before']['harmful'])} | {pct(dp['before']['harmless'])} |",
-                      f"| + HDR, best setting above | | {pct(dp['hdr_best']['harmful'])} | {pct(dp['hdr_best']['harmless'])} |"]
+            lines += [f"| a deeper drift ({dp['steps']} steps) | | {cells(dp['before'])}",
+                      f"| + HDR, best setting above | | {cells(dp['hdr_best'])}"]
         lines += ["", "(harmful / harmless refusal)", ""]
     (RESULTS / "hdr.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "hdr.json").write_text(json.dumps(results, indent=2))
