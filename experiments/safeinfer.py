@@ -9,7 +9,7 @@ For each architecture, with `harmful` as the unsafe model of guided decoding (γ
    {1, 1.5 (the paper's), 2, 4, 8}. The same setting without the contrast demonstrations (the
    vector of refusal demos against the query alone) is measured beside it.
 2. `aligned` and `drifted` under the four decodings on held-out test prompts (harmful:test 240,
-   harmless:test 1335; substring judge, greedy, 12 new tokens).
+   harmless:test 1335; substring judge, greedy, 32 new tokens).
 3. Decoding speed: tokens per second of each decoding against plain decoding, measured side by
    side in this run (64 prompts, batch 16, 32 new tokens forced, median of 3).
 
@@ -19,7 +19,7 @@ the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10
 `--compose` SafeInfer over the conditional steering edit that experiments/directions.py wrote;
 `--openings` how many replies open as a refusal that the substring judge does not count;
 `--sampled` the same, sampled at temperature 1 as the paper's script decodes; `--why`
-adds why guided decoding lowers `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
+adds how guided decoding moves `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
 
@@ -41,7 +41,7 @@ from steering import organisms, safeinfer  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-N_NEW = 12
+N_NEW = 32  # as the main job's evaluation: long enough to judge
 SITES = ("mlp_out", "resid_post")
 LAYERS = (1, 2)
 SCALES = (1.0, 1.5, 2.0, 4.0, 8.0)
@@ -179,9 +179,9 @@ def guided_examples(D, U, n: int = 6) -> list[list[str]]:
 
 
 def why_guided(D, U, best: dict) -> dict:
-    """Why guided decoding lowers `drifted`'s refusal. While `drifted` + amplification writes its
-    greedy answers to harmful:val, a processor that changes nothing records, at every step, both
-    models' log-probabilities of the token chosen; tokens are grouped by whether the answer is
+    """How guided decoding moves `drifted`'s refusal (on the first organisms it lowered it). While
+    `drifted` + amplification writes its greedy answers to harmful:val, a processor that changes
+    nothing records, at every step, both models' log-probabilities of the token chosen; tokens are grouped by whether the answer is
     judged a refusal and whether it is the first new token. Guided decoding would subtract
     γ·max(0, log p_U − log p_SA) from each: a token is "penalised" when the unsafe model gives it
     more probability than the amplified model does. Then, on validation, three variants of the rule:
@@ -344,7 +344,7 @@ def write(results: list[dict]) -> None:
              "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
              "Amplification: `safeinfer.amplifier` (refusal demonstrations against helpful ones, in context, read at "
              "the last token), site, layer and scale chosen on validation. Test: harmful:test (240), "
-             "harmless:test (1335); substring judge, greedy, 12 new tokens.", ""]
+             "harmless:test (1335); substring judge, greedy, 32 new tokens.", ""]
     for r in results:
         b = r["best"]
         t = r["test"]
@@ -404,7 +404,7 @@ def write(results: list[dict]) -> None:
                       *judged_and_opened(r["sampled"], "replies")]
         if r.get("why"):
             w = r["why"]
-            lines += ["", "Why guided decoding lowers `drifted`'s refusal (`--why`): both models' log-probabilities of "
+            lines += ["", "How guided decoding moves `drifted`'s refusal (`--why`): both models' log-probabilities of "
                           "the tokens `drifted` + amplification chooses while it answers harmful:val (greedy, recorded step "
                           "by step; a token is penalised when log p_U > log p_SA), and the same tokens' log-probability "
                           "under `drifted` without the amplification (log p_D):",
@@ -440,7 +440,7 @@ def main() -> None:
     ap.add_argument("--compose", action="store_true", help="only: SafeInfer over conditional steering (test)")
     ap.add_argument("--openings", action="store_true", help="only: replies that open as a refusal the judge misses (test)")
     ap.add_argument("--sampled", action="store_true", help="only: --openings, sampled at temperature 1 as the paper's script")
-    ap.add_argument("--why", action="store_true", help="only: why guided decoding lowers drifted's refusal (token log-probs, variants)")
+    ap.add_argument("--why", action="store_true", help="only: how guided decoding moves drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Partial reruns: each recomputes its own part of the chosen architectures' results and keeps the rest.
