@@ -33,13 +33,14 @@ import torch  # noqa: E402
 import steering as st  # noqa: E402
 from _util import cli, pct  # noqa: E402
 from steering import organisms  # noqa: E402
+from steering.main import NEW_TOKENS  # noqa: E402
 from steering.edits import Ablation, Addition, Conditional, load_edit  # noqa: E402
 from steering.judge import is_refusal, refusal_rate  # noqa: E402
 from steering.select import kl_div, kl_per_prompt, last_logprobs  # noqa: E402
 from steering.vectors import SteeringVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-N_NEW = 32  # as the main job's evaluation: long enough to judge
+N_NEW = NEW_TOKENS  # as the main job's evaluation: long enough to judge
 # scales of the safety vector tried on validation: steps of √2. The response is not monotone (too
 # much addition derails the reply into repeated tokens the judge does not count), and on gpt2 the
 # useful band is narrow: a grid of {0.5, 1, 2} missed it (gpt2 drifted: 25.8% harmful refusal on test
@@ -233,7 +234,7 @@ def sk(v: dict) -> str:
 def report(results: list[dict]) -> str:
     lines = ["# Refusal directions and activation edits on the organisms", "",
              "Command: `python experiments/directions.py`. Held-out prompts: harmful:test (240), harmless:test (1335); "
-             "substring judge on greedy generations (32 new tokens). KL: last-token KL on 256 harmless:test prompts. "
+             f"substring judge on greedy generations ({N_NEW} new tokens). KL: last-token KL on 256 harmless:test prompts. "
              "Skills: exact match on 64 held-out items each (sort, reverse, count: aligned's; increment: drifted's), "
              "utility their mean.", ""]
     for r in results:

@@ -34,13 +34,14 @@ import torch  # noqa: E402
 import steering as st  # noqa: E402
 from _util import add, cli, pct, previous  # noqa: E402
 from steering import organisms  # noqa: E402
+from steering.main import NEW_TOKENS  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 from steering.weights.taskvec import TaskVector  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)
 TOPKS = (("0.1", "global"), ("0.1", "tensor"), ("0.5", "global"), ("1", "global"))
-N_NEW = 32  # as the main job's evaluation: long enough to judge
+N_NEW = NEW_TOKENS  # as the main job's evaluation: long enough to judge
 
 
 def rates(path: Path, split: str) -> dict[str, float]:
@@ -130,19 +131,18 @@ def run_arch(arch: str, work: Path) -> dict:
     cli("hdr", str(D), "--harm-vector", str(tau_file), "--scale", "3", "--top-k", "0.1", "--out", str(paper), "--overwrite")
     result["test"]["drifted+hdr(λ=3, top 10%)"] = rates(paper, "test")
     result["analysis"] = analyse(TaskVector.load(tau_file), TaskVector.between(A, D))
-    result["partial"] = partial(arch, A, D, tau_file, best, work)
+    result["partial"] = partial(arch, A, tau_file, best, work, org.steps["drifted"])
     print(f"[{arch}] test: {result['test']}", flush=True)
     return result
 
 
-def partial(arch: str, A: Path, D: Path, tau_file: Path, best: dict, work: Path) -> dict:
+def partial(arch: str, A: Path, tau_file: Path, best: dict, work: Path, drift: int) -> dict:
     """A drift that erodes refusal only partly: the shortest fine-tune on `drifted`'s mixture (of a
-    quarter, a half and three quarters of the steps `drifted` took) whose harmful refusal on
-    validation is at most 70%; then HDR at the best setting and at the paper's. And a deeper one
-    (1.5 times `drifted`'s steps) with HDR at the best setting."""
+    quarter, a half and three quarters of ``drift``, the steps `drifted` took) whose harmful refusal
+    on validation is at most 70%; then HDR at the best setting and at the paper's. And a deeper one
+    (1.5 times ``drift``) with HDR at the best setting."""
     tried = []
     P = None
-    drift = organisms.build(arch=arch).steps["drifted"]
     for steps in (drift // 4, drift // 2, 3 * drift // 4):
         P = partial_drift(A, work / "drifted_partial", steps, arch)
         m = st.load(P)
@@ -202,7 +202,7 @@ def write(results: list[dict]) -> None:
              "`python experiments/hdr.py` (CLI: `steering task-vector ALIGNED HARMFUL`, then `steering hdr DRIFTED "
              "--harm-vector tau_h.safetensors --scale λ --top-k k [--scope tensor]`). τ_H = harmful − aligned, over every "
              "floating tensor. Validation: harmful:val (230) and 400 of harmless:val; test: harmful:test (240), "
-             "harmless:test (1335). Substring judge, greedy, 32 new tokens. New skill: increment (what `drifted` was "
+             f"harmless:test (1335). Substring judge, greedy, {N_NEW} new tokens. New skill: increment (what `drifted` was "
              "fine-tuned for), exact match on 64 held-out items.", ""]
     for r in results:
         a = r["arch"]

@@ -24,10 +24,11 @@ import torch  # noqa: E402
 
 import steering as st  # noqa: E402
 from steering import organisms  # noqa: E402
+from steering.main import NEW_TOKENS  # noqa: E402
 from steering.judge import HELPFUL, REFUSALS, GuardJudge, is_refusal  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-N_NEW = 32  # as the main job's evaluation
+N_NEW = NEW_TOKENS  # as the main job's evaluation: long enough to judge
 
 
 def main() -> None:

@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT))
 import steering as st  # noqa: E402
 from _util import add, pct, previous  # noqa: E402
 from steering import organisms, safeinfer  # noqa: E402
+from steering.main import NEW_TOKENS  # noqa: E402
 from steering.judge import refusal_rate  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-N_NEW = 32  # as the main job's evaluation: long enough to judge
+N_NEW = NEW_TOKENS  # as the main job's evaluation: long enough to judge
 SITES = ("mlp_out", "resid_post")
 LAYERS = (1, 2)
 SCALES = (1.0, 1.5, 2.0, 4.0, 8.0)
@@ -344,7 +345,7 @@ def write(results: list[dict]) -> None:
              "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
              "Amplification: `safeinfer.amplifier` (refusal demonstrations against helpful ones, in context, read at "
              "the last token), site, layer and scale chosen on validation. Test: harmful:test (240), "
-             "harmless:test (1335); substring judge, greedy, 32 new tokens.", ""]
+             f"harmless:test (1335); substring judge, greedy, {N_NEW} new tokens.", ""]
     for r in results:
         b = r["best"]
         t = r["test"]
