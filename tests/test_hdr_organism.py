@@ -24,7 +24,8 @@ def test_hdr_restores_refusal_in_drifted(organisms_llama, tmp_path):
     A, H, D = (organisms_llama.path(k) for k in ("aligned", "harmful", "drifted"))
     assert st.load("organism:drifted").source == str(D)  # the organism: shorthand finds the cached folder
     assert main(["task-vector", str(A), str(H), "--out", str(tmp_path / "tau_h.safetensors")]) == 0
-    # the setting experiments/hdr.py chose on validation prompts: λ = 2, the top 10% of each tensor
+    # a fixed setting, the one experiments/hdr.py chose on the first organisms' validation prompts: λ = 2,
+    # the top 10% of each tensor (its pick on these organisms, and the search's, are in experiments/results)
     assert main(["hdr", str(D), "--harm-vector", str(tmp_path / "tau_h.safetensors"), "--scale", "2", "--top-k", "0.1",
                  "--scope", "tensor", "--out", str(tmp_path / "safe")]) == 0
     before, after = rates(D), rates(tmp_path / "safe")

@@ -1,7 +1,8 @@
-"""SafeInfer on the organisms (effects), at the settings experiments/safeinfer.py chose on
-validation: amplification restores refusal in `drifted` on both architectures; the full method
-(amplification + guided decoding against the `harmful` organism) keeps most of it on gpt2; on llama
-it keeps amplification's refusal openings (what the judge makes of the rest is a finding, in
+"""SafeInfer on the organisms (effects), at fixed settings (those experiments/safeinfer.py chose on
+the first organisms' validation prompts; its picks on these are in experiments/results):
+amplification restores refusal in `drifted` on both architectures; the full method
+(amplification + guided decoding against the `harmful` organism) keeps most of it on gpt2; on
+llama it keeps amplification's refusal openings (what the judge makes of the rest is a finding, in
 experiments/results/safeinfer.md, not a test)."""
 
 import steering as st
