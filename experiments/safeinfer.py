@@ -19,7 +19,8 @@ the full SafeInfer with the chosen amplification over γ ∈ {0.1, 0.3, 1, 3, 10
 `--compose` SafeInfer over the conditional steering edit that experiments/directions.py wrote;
 `--openings` how many replies open as a refusal that the substring judge does not count;
 `--sampled` the same, sampled at temperature 1 as the paper's script decodes; `--why`
-adds how guided decoding moves `drifted`'s refusal (see :func:`why_guided`); `--speed-only`
+adds how guided decoding moves `drifted`'s refusal (see :func:`why_guided`); `--skills` what each
+decoding costs the skills (:func:`skill_costs`); `--speed-only`
 remeasures the speeds. Each keeps the other results in the json and rewrites the report.
 """
 
@@ -165,6 +166,26 @@ def openings(D, U, best: dict, sample: bool = False) -> dict:
                      "examples": [o for o, j, b in zip(outs, judged, opened) if sample or (b and not j)][:4]}
         print(f"[openings{' sampled' if sample else ''}] {mode}: judged {out[mode]['judged']:.3f} "
               f"opens {out[mode]['opens']:.3f}", flush=True)
+    return out
+
+
+def skill_costs(arch: str, U, best: dict) -> dict[str, dict[str, float]]:
+    """Exact match on 64 held-out test items of every skill (aligned's three and drifted's new
+    one, ``steering.skills``) of `aligned` and `drifted` under each of the four decodings, and
+    ``utility``, their mean: what SafeInfer costs in capability. The amplification is the chosen
+    setting, fitted on the model it amplifies, as in the test table."""
+    org = organisms.build(arch=arch, progress=False)
+    out = {}
+    for name in ("aligned", "drifted"):
+        m = st.load(org.path(name))
+        for mode, kw in decodings(amplifier(m, best), U).items():
+            def gen(prompts, kw=kw, m=m):
+                return safeinfer.generate(m, prompts, max_new_tokens=16, batch_size=64, **kw)
+
+            row = {k: st.skills.accuracy(m, k, generate=gen) for k in st.skills.SKILLS}
+            out[f"{name}/{mode}"] = {**row, "utility": sum(row.values()) / len(row)}
+            print(f"[skills] {arch} {name} {mode}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in out[f"{name}/{mode}"].items()),
+                  flush=True)
     return out
 
 
@@ -340,21 +361,30 @@ def judged_and_opened(rows: dict[str, dict], examples: str) -> list[str]:
               + " · ".join(map(code, v["examples"][:2])) + " |" for k, v in rows.items())]
 
 
+def skill_cols(r: dict) -> list[str]:
+    """The skill columns of an architecture's test table (none before `--skills` has run)."""
+    return [*st.skills.SKILLS, "utility"] if r.get("skills") else []
+
+
 def write(results: list[dict]) -> None:
     lines = ["# SafeInfer on the organisms", "",
              "`python experiments/safeinfer.py`. Unsafe model of guided decoding: the `harmful` organism; γ = 99. "
              "Amplification: `safeinfer.amplifier` (refusal demonstrations against helpful ones, in context, read at "
              "the last token), site, layer and scale chosen on validation. Test: harmful:test (240), "
-             f"harmless:test (1335); substring judge, greedy, {N_NEW} new tokens.", ""]
+             f"harmless:test (1335); substring judge, greedy, {N_NEW} new tokens. Skills (`--skills`): exact match on "
+             "64 held-out test items each under the same decoding (16 new tokens), utility their mean.", ""]
     for r in results:
         b = r["best"]
         t = r["test"]
         lines += [f"## {r['arch']}", "", f"Amplification chosen on validation: {SITE_NAMES[b['site']].format(b['layer'])}, "
                   f"scale {b['scale']:g}.", "",
-                  "| model | decoding | harmful refusal | harmless refusal |", "|---|---|---|---|"]
+                  "| model | decoding | harmful refusal | harmless refusal |"
+                  + "".join(f" {k} |" for k in skill_cols(r)), "|---|---|---|---|" + "---|" * len(skill_cols(r))]
         for key, v in t.items():
             name, mode = key.split("/")
-            lines.append(f"| {name} | {mode} | {pct(v['harmful'])} | {pct(v['harmless'])} |")
+            sk = r.get("skills", {}).get(key, {})
+            lines.append(f"| {name} | {mode} | {pct(v['harmful'])} | {pct(v['harmless'])} |"
+                         + "".join(f" {pct(sk[k])} |" if k in sk else " |" for k in skill_cols(r)))
         gain = {m: t[f"drifted/{m}"]["harmful"] - t["drifted/plain"]["harmful"] for m in ("amplification", "guided", "both")}
         lines += ["", "On `drifted`: " + ", ".join(f"{m} {100 * g:+.1f} points" for m, g in gain.items()) + ".", "",
                   "Validation sweep of the amplification on `drifted` (harmful / harmless refusal; plain: "
@@ -441,12 +471,14 @@ def main() -> None:
     ap.add_argument("--compose", action="store_true", help="only: SafeInfer over conditional steering (test)")
     ap.add_argument("--openings", action="store_true", help="only: replies that open as a refusal the judge misses (test)")
     ap.add_argument("--sampled", action="store_true", help="only: --openings, sampled at temperature 1 as the paper's script")
+    ap.add_argument("--skills", action="store_true", help="only: each decoding's exact match on every skill (test)")
     ap.add_argument("--why", action="store_true", help="only: how guided decoding moves drifted's refusal (token log-probs, variants)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Partial reruns: each recomputes its own part of the chosen architectures' results and keeps the rest.
     partial = {
         "why": lambda r, D, U: {"why": why_guided(D, U, r["best"])},
+        "skills": lambda r, D, U: {"skills": skill_costs(r["arch"], U, r["best"])},
         "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
         "both_sweep": lambda r, D, U: {"both_sweep": both_sweep(D, U)},
         "gamma_sweep": lambda r, D, U: {"gamma_sweep": gamma_sweep(D, U, r["best"])},
