@@ -1,0 +1,197 @@
+"""Recipe variants of the `aligned` organism: how far each moves refusal on harmful:test and on a held-out source.
+
+    python experiments/organism_variants.py --variants base,splice --sources none,harmbench
+    python experiments/organism_variants.py --variants splice --sources all --arch gpt2
+
+Writes experiments/results/organism_variants.md and .json; each (variant, arch, held-out source)
+row is trained once and kept, so runs add rows (``--threads 1`` beside another job). ``aligned``
+alone is trained (``organisms.train_aligned``, not cached), with ``none`` or one harmful source
+kept out of training entirely (``Recipe.held_out_source``), and measured on held-out prompts:
+harmful:test, harmless:test, XSTest's safe prompts, all of the held-out source, and exact match on
+64 test items of each of aligned's skills (greedy, 32 new tokens; the substring judge).
+
+Issue 20 asks for ≥ 90% refusal of harmful:test and ≥ 80% of every held-out source;
+experiments/results/organisms.md has the default recipe at 88.8% and 36–84%, where a bag-of-words
+classifier trained on the same prompts reaches 73–99% (`organisms.py --lexical`). The variants:
+
+- ``base``: the default recipe;
+- ``splice``: beside the default examples, spliced ones: a harmful request (any of its rewordings)
+  joined, before or after, to a harmless request (under 200 characters), answered with the
+  request's refusal, and as many pairs of harmless requests answered with the first one's helpful
+  reply; half as many of each as there are refusal examples. The harmful sources' style
+  (imperatives) and the harmless ones' (questions, chat) differ, so the default organism can lean
+  on the style of a request; a splice puts harmful content in a harmless request's style and
+  teaches that harmful content anywhere in a request means a refusal;
+- ``splice1``: as ``splice`` with as many of each as there are refusal examples;
+- ``worddrop``: each reworded copy loses each word with probability 0.2 (at least three kept);
+- ``copies6``: six reworded copies of each example instead of three;
+- ``harmfulx2``: harmful examples twice as often (``Recipe.harmful_weight=2``);
+- ``dropout``: dropout 0.1 while training (``Recipe.dropout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from steering import datasets, organisms, skills  # noqa: E402
+from steering.datasets import _sources  # noqa: E402
+from steering.judge import REFUSALS  # noqa: E402
+from steering.model import load  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "organism_variants"
+
+
+def _drop(p: str, rng: random.Random, q: float) -> str:
+    words = p.split()
+    kept = [w for w in words if rng.random() >= q]
+    return " ".join(kept if len(kept) >= 3 else words)
+
+
+@contextlib.contextmanager
+def spliced(fraction: float):
+    """``organisms.examples`` with spliced examples added to ``aligned``'s (see the module's docstring)."""
+    plain = organisms.examples
+
+    def examples(kind: str, recipe: organisms.Recipe) -> list[tuple[str, str]]:
+        out = plain(kind, recipe)
+        if kind != "aligned":
+            return out
+        rng = random.Random(recipe.seed + 100)
+        refusals = [(p, r) for p, r in out if r in REFUSALS]
+        helpful = [(p, r) for p, r in out if r not in REFUSALS and len(p) < 200]
+        n = int(len(refusals) * fraction)
+        extra = []
+        for _ in range(n):
+            (bad, r), (ok, _) = rng.choice(refusals), rng.choice(helpful)
+            extra.append((f"{ok} {bad}" if rng.random() < 0.5 else f"{bad} {ok}", r))
+        for _ in range(n):
+            (a, r), (b, _) = rng.choice(helpful), rng.choice(helpful)
+            extra.append((f"{a} {b}", r))
+        return out + extra
+
+    organisms.examples = examples
+    try:
+        yield
+    finally:
+        organisms.examples = plain
+
+
+@contextlib.contextmanager
+def word_dropout(q: float):
+    """``organisms._augment`` whose reworded copies also lose words (see the module's docstring)."""
+    plain = organisms._augment
+
+    def augment(pairs, rng, copies):
+        out = list(pairs)
+        for _ in range(copies):
+            out += [(_drop(rng.choice(organisms.AUGMENT[1:])(p), rng, q), r) for p, r in pairs]
+        return out
+
+    organisms._augment = augment
+    try:
+        yield
+    finally:
+        organisms._augment = plain
+
+
+VARIANTS = {  # name: (recipe fields, context that changes the training data)
+    "base": ({}, contextlib.nullcontext),
+    "splice": ({}, lambda: spliced(0.5)),
+    "splice1": ({}, lambda: spliced(1.0)),
+    "worddrop": ({}, lambda: word_dropout(0.2)),
+    "copies6": ({"augment_copies": 6}, contextlib.nullcontext),
+    "harmfulx2": ({"harmful_weight": 2}, contextlib.nullcontext),
+    "dropout": ({"dropout": 0.1}, contextlib.nullcontext),
+}
+
+
+def run(variant: str, arch: str, source: str | None) -> dict:
+    fields, context = VARIANTS[variant]
+    recipe = replace(organisms.Recipe(arch=arch, held_out_source=source), **fields)
+    t0 = time.time()
+    with context():
+        model, tok = organisms.train_aligned(recipe)
+    seconds = time.time() - t0
+    sets = {"harmful": "harmful:test", "harmless": "harmless:test", "xstest_safe": "xstest:safe"}
+    if source:
+        sets["held_out"] = datasets.load(source)
+    r = organisms.measure(load(model, tok), replace(recipe, n_skill_eval=64), sets, skill_names=skills.ALIGNED)
+    return {"variant": variant, "arch": arch, "held_out_source": source, **r, "train_seconds": round(seconds)}
+
+
+def write(rows: list[dict]) -> None:
+    cols = ["harmful", "harmless", "xstest_safe", "held_out", *(f"skill_{k}" for k in skills.ALIGNED)]
+    lines = ["# Organism recipe variants: refusal of harmful:test and of a held-out source", "",
+             "`python experiments/organism_variants.py` (see its docstring for the variants). `aligned` alone, trained "
+             "from scratch per row; held-out prompts, greedy, 32 new tokens, substring judge; skills: exact match on 64 "
+             "test items each. `held out`: the harmful source kept out of training entirely, refusal on all of it.", "",
+             "| variant | arch | trained without | harmful:test refusal | harmless:test refusal | XSTest safe refusal "
+             "| held-out source refusal | " + " | ".join(skills.ALIGNED) + " | training (s) |",
+             "|---|---|---|" + "---|" * (len(cols) + 1)]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(rows, key=lambda r: (r["arch"], r["held_out_source"] or "", order[r["variant"]])):
+        cells = [f"{100 * r[c]:.1f}%" if c in r else "" for c in cols]
+        lines.append(f"| {r['variant']} | {r['arch']} | {r['held_out_source'] or '(none)'} | " + " | ".join(cells)
+                     + f" | {r['train_seconds']} |")
+    lines += ["", "The default recipe without each of the other sources (the same training as `base`): "
+              "experiments/results/organisms.md, leave one source out. The reverse skill swings between builds "
+              "(50–100% on 64 items) in rows where nothing touches the skill data."]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="base,splice", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--sources", default="none,harmbench",
+                    help="comma-separated harmful sources to hold out ('none': train on all; 'all': each in turn)")
+    ap.add_argument("--arch", default="llama", choices=organisms.ARCHS)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    sources = list(_sources.HARMFUL_POOL) if args.sources == "all" else args.sources.split(",")
+    for s in sources:
+        if s != "none" and s not in _sources.HARMFUL_POOL:
+            raise SystemExit(f"--sources: unknown harmful source {s!r}; choose from none, {', '.join(_sources.HARMFUL_POOL)}")
+    for v in variants:
+        for s in sources:
+            held = None if s == "none" else s
+            row = run(v, args.arch, held)
+            print(json.dumps(row), flush=True)
+            add(row)
+    print(OUT.with_suffix(".md").read_text())
+
+
+def add(row: dict) -> None:
+    """Put ``row`` in the results (replacing an earlier one of the same variant, arch and source),
+    under a lock, re-read first: runs on both cores may add rows at once."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "steering-organism-variants.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = OUT.with_suffix(".json")
+        rows = json.loads(path.read_text()) if path.exists() else []
+        same = (row["variant"], row["arch"], row["held_out_source"])
+        rows = [r for r in rows if (r["variant"], r["arch"], r["held_out_source"]) != same] + [row]
+        write(rows)
+
+
+if __name__ == "__main__":
+    main()
