@@ -18,10 +18,10 @@ classifier trained on the same prompts reaches 73–99% (`organisms.py --lexical
 - ``splice``: beside the default examples, spliced ones: a harmful request (any of its rewordings)
   joined, before or after, to a harmless request (under 200 characters), answered with the
   request's refusal, and as many pairs of harmless requests answered with the first one's helpful
-  reply; half as many of each as there are refusal examples. The harmful sources' style
-  (imperatives) and the harmless ones' (questions, chat) differ, so the default organism can lean
-  on the style of a request; a splice puts harmful content in a harmless request's style and
-  teaches that harmful content anywhere in a request means a refusal;
+  reply; half as many of each as there are refusal examples. Most of the default organism's
+  misses are harmful requests worded like the harmless chat sets' ("What are some ways …"); a
+  splice puts harmful content in a harmless request's company, so that harmful content anywhere
+  in a request means a refusal;
 - ``splice1``: as ``splice`` with as many of each as there are refusal examples;
 - ``worddrop``: each reworded copy loses each word with probability 0.2 (at least three kept);
 - ``copies6``: six reworded copies of each example instead of three;
