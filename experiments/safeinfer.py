@@ -169,15 +169,14 @@ def openings(D, U, best: dict, sample: bool = False) -> dict:
     return out
 
 
-def skill_costs(arch: str, U, best: dict) -> dict[str, dict[str, float]]:
+def skill_costs(arch: str, D, U, best: dict) -> dict[str, dict[str, float]]:
     """Exact match on 64 held-out test items of every skill (aligned's three and drifted's new
-    one, ``steering.skills``) of `aligned` and `drifted` under each of the four decodings, and
-    ``utility``, their mean: what SafeInfer costs in capability. The amplification is the chosen
-    setting, fitted on the model it amplifies, as in the test table."""
-    org = organisms.build(arch=arch, progress=False)
+    one, ``steering.skills``) of `aligned` and `drifted` (``D``) under each of the four decodings,
+    and ``utility``, their mean: what SafeInfer costs in capability. The amplification is the
+    chosen setting, fitted on the model it amplifies, as in the test table."""
+    A = st.load(organisms.build(arch=arch, progress=False).path("aligned"))
     out = {}
-    for name in ("aligned", "drifted"):
-        m = st.load(org.path(name))
+    for name, m in (("aligned", A), ("drifted", D)):
         for mode, kw in decodings(amplifier(m, best), U).items():
             def gen(prompts, kw=kw, m=m):
                 return safeinfer.generate(m, prompts, max_new_tokens=16, batch_size=64, **kw)
@@ -478,7 +477,7 @@ def main() -> None:
     # Partial reruns: each recomputes its own part of the chosen architectures' results and keeps the rest.
     partial = {
         "why": lambda r, D, U: {"why": why_guided(D, U, r["best"])},
-        "skills": lambda r, D, U: {"skills": skill_costs(r["arch"], U, r["best"])},
+        "skills": lambda r, D, U: {"skills": skill_costs(r["arch"], D, U, r["best"])},
         "own_unsafe": lambda r, D, U: {"own_unsafe": own_unsafe(r["arch"], r["best"])},
         "both_sweep": lambda r, D, U: {"both_sweep": both_sweep(D, U)},
         "gamma_sweep": lambda r, D, U: {"gamma_sweep": gamma_sweep(D, U, r["best"])},
