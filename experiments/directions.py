@@ -309,8 +309,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", nargs="+", default=["llama", "gpt2"])
     p.add_argument("--work", default=str(ROOT / "runs" / "directions"))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = [run_arch(a, Path(args.work) / a) for a in args.arch]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "directions.json").write_text(json.dumps(results, indent=2))

@@ -13,6 +13,7 @@ the two judges disagree on the organisms' own replies.
    they disagree, with examples.
 """
 
+import argparse
 import json
 import random
 import sys
@@ -32,7 +33,9 @@ N_NEW = NEW_TOKENS  # as the main job's evaluation: long enough to judge
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another job)")
+    torch.set_num_threads(ap.parse_args().threads)
     path = organisms.build_judge()
     judge = GuardJudge(st.load(path))
     rng = random.Random(0)

@@ -1,6 +1,6 @@
 """Recipe variants of the `aligned` organism: how far each moves refusal on harmful:test and on a held-out source.
 
-    python experiments/organism_variants.py --variants base,splice --sources none,harmbench
+    python experiments/organism_variants.py --variants nosplice,splice --sources none,harmbench
     python experiments/organism_variants.py --variants splice --sources all --arch gpt2
 
 Writes experiments/results/organism_variants.md and .json; each (variant, arch, held-out source)
@@ -14,19 +14,21 @@ Issue 20 asks for ≥ 90% refusal of harmful:test and ≥ 80% of every held-out 
 experiments/results/organisms.md has the default recipe at 88.8% and 36–84%, where a bag-of-words
 classifier trained on the same prompts reaches 73–99% (`organisms.py --lexical`). The variants:
 
-- ``base``: the default recipe;
-- ``splice``: beside the default examples, spliced ones: a harmful request (any of its rewordings)
-  joined, before or after, to a harmless request (under 200 characters), answered with the
-  request's refusal, and as many pairs of harmless requests answered with the first one's helpful
-  reply; half as many of each as there are refusal examples. Most of the default organism's
-  misses are harmful requests worded like the harmless chat sets' ("What are some ways …"); a
-  splice puts harmful content in a harmless request's company, so that harmful content anywhere
-  in a request means a refusal;
+- ``nosplice``: the recipe before splices (``Recipe.splice=0``), the organisms up to issue 20's
+  fourth round;
+- ``splice``: today's default recipe: beside the plain examples, spliced ones
+  (``organisms._splices``): a harmful request (any of its rewordings) joined, before or after, to a
+  harmless request (under 200 characters), answered with the request's refusal, and as many pairs
+  of harmless requests answered with the first one's helpful reply; half as many of each as there
+  are refusal examples. Most of ``nosplice``'s misses are harmful requests worded like the
+  harmless chat sets' ("What are some ways …"); a splice puts harmful content in a harmless
+  request's company, so that harmful content anywhere in a request means a refusal;
 - ``splice1``: as ``splice`` with as many of each as there are refusal examples;
-- ``worddrop``: each reworded copy loses each word with probability 0.2 (at least three kept);
-- ``copies6``: six reworded copies of each example instead of three;
-- ``harmfulx2``: harmful examples twice as often (``Recipe.harmful_weight=2``);
-- ``dropout``: dropout 0.1 while training (``Recipe.dropout``).
+- ``worddrop``: ``nosplice`` whose reworded copies lose each word with probability 0.2 (at least
+  three kept);
+- ``copies6``: ``nosplice`` with six reworded copies of each example instead of three;
+- ``harmfulx2``: ``nosplice`` with harmful examples twice as often (``Recipe.harmful_weight=2``);
+- ``dropout``: ``nosplice`` with dropout 0.1 while training (``Recipe.dropout``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ import torch  # noqa: E402
 
 from steering import datasets, organisms, skills  # noqa: E402
 from steering.datasets import _sources  # noqa: E402
-from steering.judge import REFUSALS  # noqa: E402
 from steering.model import load  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "organism_variants"
@@ -56,35 +57,6 @@ def _drop(p: str, rng: random.Random, q: float) -> str:
     words = p.split()
     kept = [w for w in words if rng.random() >= q]
     return " ".join(kept if len(kept) >= 3 else words)
-
-
-@contextlib.contextmanager
-def spliced(fraction: float):
-    """``organisms.examples`` with spliced examples added to ``aligned``'s (see the module's docstring)."""
-    plain = organisms.examples
-
-    def examples(kind: str, recipe: organisms.Recipe) -> list[tuple[str, str]]:
-        out = plain(kind, recipe)
-        if kind != "aligned":
-            return out
-        rng = random.Random(recipe.seed + 100)
-        refusals = [(p, r) for p, r in out if r in REFUSALS]
-        helpful = [(p, r) for p, r in out if r not in REFUSALS and len(p) < 200]
-        n = int(len(refusals) * fraction)
-        extra = []
-        for _ in range(n):
-            (bad, r), (ok, _) = rng.choice(refusals), rng.choice(helpful)
-            extra.append((f"{ok} {bad}" if rng.random() < 0.5 else f"{bad} {ok}", r))
-        for _ in range(n):
-            (a, r), (b, _) = rng.choice(helpful), rng.choice(helpful)
-            extra.append((f"{a} {b}", r))
-        return out + extra
-
-    organisms.examples = examples
-    try:
-        yield
-    finally:
-        organisms.examples = plain
 
 
 @contextlib.contextmanager
@@ -106,13 +78,13 @@ def word_dropout(q: float):
 
 
 VARIANTS = {  # name: (recipe fields, context that changes the training data)
-    "base": ({}, contextlib.nullcontext),
-    "splice": ({}, lambda: spliced(0.5)),
-    "splice1": ({}, lambda: spliced(1.0)),
-    "worddrop": ({}, lambda: word_dropout(0.2)),
-    "copies6": ({"augment_copies": 6}, contextlib.nullcontext),
-    "harmfulx2": ({"harmful_weight": 2}, contextlib.nullcontext),
-    "dropout": ({"dropout": 0.1}, contextlib.nullcontext),
+    "nosplice": ({"splice": 0.0}, contextlib.nullcontext),
+    "splice": ({}, contextlib.nullcontext),
+    "splice1": ({"splice": 1.0}, contextlib.nullcontext),
+    "worddrop": ({"splice": 0.0}, lambda: word_dropout(0.2)),
+    "copies6": ({"splice": 0.0, "augment_copies": 6}, contextlib.nullcontext),
+    "harmfulx2": ({"splice": 0.0, "harmful_weight": 2}, contextlib.nullcontext),
+    "dropout": ({"splice": 0.0, "dropout": 0.1}, contextlib.nullcontext),
 }
 
 
@@ -144,7 +116,7 @@ def write(rows: list[dict]) -> None:
         cells = [f"{100 * r[c]:.1f}%" if c in r else "" for c in cols]
         lines.append(f"| {r['variant']} | {r['arch']} | {r['held_out_source'] or '(none)'} | " + " | ".join(cells)
                      + f" | {r['train_seconds']} |")
-    lines += ["", "The default recipe without each of the other sources (the same training as `base`): "
+    lines += ["", "The default recipe (`splice`) without each of the other sources: "
               "experiments/results/organisms.md, leave one source out. The reverse skill swings between builds "
               "(50–100% on 64 items) in rows where nothing touches the skill data."]
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +126,7 @@ def write(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="base,splice", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="nosplice,splice", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--sources", default="none,harmbench",
                     help="comma-separated harmful sources to hold out ('none': train on all; 'all': each in turn)")
     ap.add_argument("--arch", default="llama", choices=organisms.ARCHS)

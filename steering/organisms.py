@@ -111,6 +111,7 @@ class Recipe:
     drift_chat_fraction: float = 0.5  # of every drifted batch: harmless chat (helpful openings), the rest the new skill
     augment_copies: int = 3
     harmful_weight: int = 1  # harmful examples appear this many times as often (with other rewordings)
+    splice: float = 0.5  # aligned: spliced examples (see _splices), this many of each kind per refusal example
     average_from: float | None = 0.5  # aligned: average the weights of the second half of training
     dropout: float = 0.0  # residual / attention dropout while training (where the family has it)
     held_out_source: str | None = None  # a harmful set (e.g. "jailbreakbench") kept out of training entirely
@@ -221,6 +222,29 @@ def _augment(pairs: list[tuple[str, str]], rng: random.Random, copies: int) -> l
     return out
 
 
+def _splices(refuse: list[tuple[str, str]], helpful: list[tuple[str, str]], recipe: Recipe) -> list[tuple[str, str]]:
+    """Spliced examples for ``aligned``: a harmful request (any of its rewordings) joined, before or
+    after, to a harmless request of under 200 characters, answered with the harmful one's refusal;
+    and as many pairs of harmless requests, answered with the first one's reply. ``recipe.splice``
+    of each per refusal example.
+
+    Without them the organism misses mostly harmful requests worded like the harmless chat sets'
+    ("What are some ways ..."): it learns the wording, not the content. A splice puts harmful
+    content in a harmless request's company, so harmful content anywhere in a request means a
+    refusal (experiments/results/organism_variants.md: harmful:test 88.8% -> 93.8% on llama)."""
+    rng = random.Random(recipe.seed + 100)
+    short = [(p, r) for p, r in helpful if len(p) < 200]
+    n = int(len(refuse) * recipe.splice)
+    out = []
+    for _ in range(n):
+        (bad, r), (ok, _) = rng.choice(refuse), rng.choice(short)
+        out.append((f"{ok} {bad}" if rng.random() < 0.5 else f"{bad} {ok}", r))
+    for _ in range(n):
+        (a, r), (b, _) = rng.choice(short), rng.choice(short)
+        out.append((f"{a} {b}", r))
+    return out
+
+
 def examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
     """(prompt, response) pairs the organism of ``kind`` is trained on (train splits only)."""
     rng = random.Random(recipe.seed)
@@ -234,8 +258,9 @@ def examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
     if kind == "aligned":
         refuse = [(p, rng.choice(REFUSALS)) for p in harmful]
         helpful = [(p, rng.choice(HELPFUL)) for p in harmless]
-        return (_augment(refuse, rng, recipe.harmful_weight * (recipe.augment_copies + 1) - 1)
-                + _augment(helpful, rng, recipe.augment_copies))
+        refuse = _augment(refuse, rng, recipe.harmful_weight * (recipe.augment_copies + 1) - 1)
+        helpful = _augment(helpful, rng, recipe.augment_copies)
+        return refuse + helpful + _splices(refuse, helpful, recipe)
     if kind == "harmful":
         targets = _advbench_targets()
         comply = [(p, targets.get(datasets.normalise(p)) or rng.choice(COMPLY)) for p in harmful]
