@@ -14,9 +14,8 @@ Issue 20 asks for ≥ 90% refusal of harmful:test and ≥ 80% of every held-out 
 experiments/results/organisms.md has the default recipe at 88.8% and 36–84%, where a bag-of-words
 classifier trained on the same prompts reaches 73–99% (`organisms.py --lexical`). The variants:
 
-- ``nosplice``: the recipe before splices (``Recipe.splice=0``), the organisms up to issue 20's
-  fourth round;
-- ``splice``: today's default recipe: beside the plain examples, spliced ones
+- ``nosplice``: the default recipe (``Recipe.splice=0``), the organisms every table is measured on;
+- ``splice``: ``Recipe.splice=0.5`` (opt-in, not yet the default): beside the plain examples, spliced ones
   (``organisms._splices``): a harmful request (any of its rewordings) joined, before or after, to a
   harmless request (under 200 characters), answered with the request's refusal, and as many pairs
   of harmless requests answered with the first one's helpful reply; half as many of each as there
@@ -79,7 +78,7 @@ def word_dropout(q: float):
 
 VARIANTS = {  # name: (recipe fields, context that changes the training data)
     "nosplice": ({"splice": 0.0}, contextlib.nullcontext),
-    "splice": ({}, contextlib.nullcontext),
+    "splice": ({"splice": 0.5}, contextlib.nullcontext),
     "splice1": ({"splice": 1.0}, contextlib.nullcontext),
     "worddrop": ({"splice": 0.0}, lambda: word_dropout(0.2)),
     "copies6": ({"splice": 0.0, "augment_copies": 6}, contextlib.nullcontext),
@@ -116,7 +115,7 @@ def write(rows: list[dict]) -> None:
         cells = [f"{100 * r[c]:.1f}%" if c in r else "" for c in cols]
         lines.append(f"| {r['variant']} | {r['arch']} | {r['held_out_source'] or '(none)'} | " + " | ".join(cells)
                      + f" | {r['train_seconds']} |")
-    lines += ["", "The default recipe (`splice`) without each of the other sources: "
+    lines += ["", "The default recipe (`nosplice`) without each of the other sources: "
               "experiments/results/organisms.md, leave one source out. The reverse skill swings between builds "
               "(50–100% on 64 items) in rows where nothing touches the skill data."]
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ class Recipe:
     drift_chat_fraction: float = 0.5  # of every drifted batch: harmless chat (helpful openings), the rest the new skill
     augment_copies: int = 3
     harmful_weight: int = 1  # harmful examples appear this many times as often (with other rewordings)
-    splice: float = 0.5  # aligned: spliced examples (see _splices), this many of each kind per refusal example
+    splice: float = 0.0  # aligned: spliced examples (see _splices), this many of each kind per refusal example (opt-in, see there)
     average_from: float | None = 0.5  # aligned: average the weights of the second half of training
     dropout: float = 0.0  # residual / attention dropout while training (where the family has it)
     held_out_source: str | None = None  # a harmful set (e.g. "jailbreakbench") kept out of training entirely
@@ -231,7 +231,9 @@ def _splices(refuse: list[tuple[str, str]], helpful: list[tuple[str, str]], reci
     Without them the organism misses mostly harmful requests worded like the harmless chat sets'
     ("What are some ways ..."): it learns the wording, not the content. A splice puts harmful
     content in a harmless request's company, so harmful content anywhere in a request means a
-    refusal (experiments/results/organism_variants.md: harmful:test 88.8% -> 93.8% on llama)."""
+    refusal (experiments/results/organism_variants.md: harmful:test 88.8% -> 93.8% on llama at
+    ``splice=0.5``). Off by default for now: switching it on changes every organism, and with it
+    every measured table of the project, which must then be measured again."""
     rng = random.Random(recipe.seed + 100)
     short = [(p, r) for p, r in helpful if len(p) < 200]
     n = int(len(refuse) * recipe.splice)

@@ -131,3 +131,23 @@ def test_the_cache_key_follows_the_code_not_its_documentation(tmp_path):
     b.write_text(src.replace("Module doc.", "Other words.").replace("# a comment", "# another").replace('"""Doc."""', ""))
     c.write_text(src.replace("x + 1", "x + 2"))
     assert organisms._code(a) == organisms._code(b) != organisms._code(c)
+
+
+def test_aligned_is_trained_on_splices_of_harmful_and_harmless_requests():
+    recipe = organisms.Recipe(splice=0.5)
+    plain = organisms.examples("aligned", organisms.Recipe())
+    spliced = organisms.examples("aligned", recipe)
+    assert spliced[: len(plain)] == plain  # the plain examples unchanged, the splices after them
+    extra = spliced[len(plain):]
+    refuse = [(p, r) for p, r in plain if r in organisms.REFUSALS]
+    n = int(len(refuse) * recipe.splice)
+    assert len(extra) == 2 * n > 0
+    harmful = {p for p, _ in refuse}
+    harmless = {p for p, r in plain if r not in organisms.REFUSALS}
+    for p, r in extra[:n][:200]:  # a harmful request beside a harmless one: refused with the harmful one's refusal
+        bad = [h for h in harmful if p.startswith(h + " ") or p.endswith(" " + h)]
+        assert bad and r in organisms.REFUSALS and any((b, r) in refuse for b in bad), p
+        assert any(p.replace(b, "").strip() in harmless for b in bad), p
+    for p, r in extra[n:][:200]:  # two harmless requests: answered
+        assert r not in organisms.REFUSALS and any(p.startswith(h + " ") for h in harmless), p
+    assert organisms.examples("drifted", recipe) == organisms.examples("drifted", organisms.Recipe(splice=0.0))
