@@ -87,7 +87,35 @@ VARIANTS = {  # name: (recipe fields, context that changes the training data)
 }
 
 
-def run(variant: str, arch: str, source: str | None) -> dict:
+def ablation(model) -> dict:
+    """Does one direction carry this ``aligned``'s refusal? The main job's refusal-direction step
+    (``refusal_ablation``'s extraction and selection on the same train and validation prompts,
+    affine form, the paper's KL filter 0.1), then harmful:test with the edit hooked: ``abl_pick``
+    for the selection's pick (absent where no candidate passed the filters), ``abl_best`` for the
+    candidate with the lowest bypass score whatever its KL (``Selection.closest``), each with the
+    KL on harmless validation prompts its selection measured."""
+    from steering import tune
+    from steering.extract import diff_in_means
+    from steering.judge import refusal_rate
+    from steering.select import ablation_edit, select_direction
+
+    data = tune.Data.default(n_val=32, n_train=128)
+    cands = diff_in_means(model, data.harmful_train, data.harmless_train, progress=False)
+    sel = select_direction(model, cands, data.harmful, data.harmless, affine=True, progress=False)
+    test = datasets.load("harmful:test")
+    out = {}
+    for name, pick in (("abl_pick", sel.pick), ("abl_best", sel.closest)):
+        if pick is None:
+            continue
+        row = next(r for r in sel.rows if (r["layer"], r["position"]) == pick)
+        edit, _ = ablation_edit(model, replace(sel, pick=pick), data.harmful, data.harmless, affine=True)
+        with edit.hooks(model):
+            out[name] = refusal_rate(model.generate(test, max_new_tokens=organisms.Recipe().eval_new_tokens, batch_size=64))
+        out[f"{name}_kl"], out[f"{name}_layer"] = row["kl"], row["layer"]
+    return out
+
+
+def run(variant: str, arch: str, source: str | None, with_ablation: bool = False) -> dict:
     fields, context = VARIANTS[variant]
     recipe = replace(organisms.Recipe(arch=arch, held_out_source=source), **fields)
     t0 = time.time()
@@ -97,7 +125,10 @@ def run(variant: str, arch: str, source: str | None) -> dict:
     sets = {"harmful": "harmful:test", "harmless": "harmless:test", "xstest_safe": "xstest:safe"}
     if source:
         sets["held_out"] = datasets.load(source)
-    r = organisms.measure(load(model, tok), replace(recipe, n_skill_eval=64), sets, skill_names=skills.ALIGNED)
+    m = load(model, tok)
+    r = organisms.measure(m, replace(recipe, n_skill_eval=64), sets, skill_names=skills.ALIGNED)
+    if with_ablation:
+        r.update(ablation(m))
     return {"variant": variant, "arch": arch, "held_out_source": source, **r, "train_seconds": round(seconds)}
 
 
@@ -115,6 +146,23 @@ def write(rows: list[dict]) -> None:
         cells = [f"{100 * r[c]:.1f}%" if c in r else "" for c in cols]
         lines.append(f"| {r['variant']} | {r['arch']} | {r['held_out_source'] or '(none)'} | " + " | ".join(cells)
                      + f" | {r['train_seconds']} |")
+    probed = [r for r in rows if "abl_best" in r]
+    if probed:
+        def cell(r: dict, k: str) -> str:
+            if k not in r:
+                return "no candidate passed the filters"
+            return f"{100 * r[k]:.1f}% (layer {r[k + '_layer']}, KL {r[k + '_kl']:.3f})"
+
+        lines += ["", "## Does one direction carry the refusal? (`--ablation`)", "",
+                  "The main job's refusal-direction step on each `aligned` (difference in means on 128 train prompts of "
+                  "each kind, selection on 32 validation prompts, affine ablation), then harmful:test with the edit "
+                  "hooked. *pick*: the selection's pick under the paper's filters (KL ≤ 0.1 on harmless validation "
+                  "prompts, layer < 80% of depth); *lowest bypass*: the candidate that lowers the refusal score most, "
+                  "whatever its KL.", "",
+                  "| variant | arch | harmful:test refusal | ablated: pick | ablated: lowest bypass |", "|---|---|---|---|---|"]
+        for r in sorted(probed, key=lambda r: (r["arch"], order[r["variant"]])):
+            lines.append(f"| {r['variant']} | {r['arch']} | {100 * r['harmful']:.1f}% | {cell(r, 'abl_pick')} | "
+                         f"{cell(r, 'abl_best')} |")
     lines += ["", "The default recipe (`nosplice`) without each of the other sources: "
               "experiments/results/organisms.md, leave one source out. The reverse skill swings between builds "
               "(50–100% on 64 items) in rows where nothing touches the skill data."]
@@ -130,6 +178,8 @@ def main() -> None:
                     help="comma-separated harmful sources to hold out ('none': train on all; 'all': each in turn)")
     ap.add_argument("--arch", default="llama", choices=organisms.ARCHS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ablation", action="store_true",
+                    help="also run the main job's refusal-direction step on each aligned and measure harmful:test ablated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
@@ -143,7 +193,7 @@ def main() -> None:
     for v in variants:
         for s in sources:
             held = None if s == "none" else s
-            row = run(v, args.arch, held)
+            row = run(v, args.arch, held, args.ablation)
             print(json.dumps(row), flush=True)
             add(row)
     print(OUT.with_suffix(".md").read_text())

@@ -314,3 +314,27 @@ def test_conditional_refuses_a_layer_the_model_does_not_have():
             pass
     with Conditional(Addition(v), torch.randn(m.d_model), -1, 0.0).hooks(m):  # -1: the last layer
         m.generate(["Hi"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projections_give_the_same_values_whatever_slice_they_are_computed_in(dtype):
+    """A streamed bake projects a weight in slices (rows, or columns that start at multiples of
+    COLUMN_BLOCK), the in-memory bake the whole weight: the bytes must be the same. A matrix
+    product picks its kernel, and so its order of additions, by the shapes (on some CPUs its
+    results change with the number of rows), so the projections must not rest on one."""
+    from steering.edits.ablation import COLUMN_BLOCK, project_out_, project_rows_
+
+    g = torch.Generator().manual_seed(0)
+    for n, d, k in [(301, 67, 1), (257, 130, 3), (5, 300, 2), (700, 33, 4)]:
+        w, q = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(k, d, generator=g, dtype=dtype)
+        whole = project_rows_(w.clone(), q)
+        exact = w - (w.double() @ q.double().T @ q.double()).to(dtype)
+        assert (whole - exact).abs().max() < 1e-3
+        for cut in (1, 3, 7, 64):
+            assert torch.equal(torch.cat([project_rows_(w[i:i + cut].clone(), q) for i in range(0, n, cut)]), whole)
+        wt = w.T.contiguous()  # [d, n], out_in: W − QᵀQW mixes rows; sliced by columns
+        whole = project_out_(wt.clone(), q, "out_in")
+        assert (whole - (wt - (q.double().T @ (q.double() @ wt.double())).to(dtype))).abs().max() < 1e-3
+        for cut in (COLUMN_BLOCK, 2 * COLUMN_BLOCK, 5 * COLUMN_BLOCK):
+            got = torch.cat([project_out_(wt[:, i:i + cut].clone(), q, "out_in") for i in range(0, n, cut)], 1)
+            assert torch.equal(got, whole)

@@ -254,10 +254,65 @@ def project_rows(w: Tensor, q: Tensor) -> Tensor:
     return project_rows_(w32, q.to(w.device, dt)).to(w.dtype)
 
 
+def row_coordinates(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``[k, n]``: each row of ``w32`` (``[n, d]``) dotted with each row of ``q32`` (``[k, d]``),
+    as a product then a sum along the row (through ``scratch``, ``w32``'s shape, when given).
+
+    Not a matrix product: a BLAS chooses its kernel, and with it the order of its additions, by the
+    matrices' shapes and alignment, so a weight projected in slices (a streamed bake) would differ
+    from the whole weight projected at once in the last bit of some entries. A sum along one row
+    adds in an order set by the row's length alone, so each row's value is the same whatever rows
+    share the call."""
+    scratch = torch.empty_like(w32) if scratch is None else scratch
+    c = w32.new_empty(q32.shape[0], w32.shape[0])
+    for j in range(q32.shape[0]):
+        torch.sum(torch.mul(w32, q32[j], out=scratch), dim=1, out=c[j])
+    return c
+
+
+COLUMN_BLOCK = 64  # columns summed at once by column_coordinates; slices of columns start at multiples of it
+
+
+def column_coordinates(w32: Tensor, q32: Tensor, buf: Tensor | None = None) -> Tensor:
+    """``[k, m]``: ``q32`` (``[k, d]``) times ``w32`` (``[d, m]``), as products summed down each
+    column, :data:`COLUMN_BLOCK` columns at a time, each block copied into the same zero-padded
+    ``[d, COLUMN_BLOCK]`` place in ``buf`` (at least ``2 * d * COLUMN_BLOCK`` entries; allocated
+    when not given). A sum down columns adds in an order that follows how many columns the call
+    has (see :func:`row_coordinates`); a block of fixed shape in a fixed place does not, so a
+    column's value is the same in any slice of columns that starts at a multiple of the block."""
+    d, m = w32.shape
+    n_b = COLUMN_BLOCK
+    buf = w32.new_empty(2 * d * n_b) if buf is None else buf
+    block, prod = buf.reshape(-1)[:d * n_b].view(d, n_b), buf.reshape(-1)[d * n_b:2 * d * n_b].view(d, n_b)
+    c, col = w32.new_empty(q32.shape[0], m), w32.new_empty(n_b)
+    for i in range(0, m, n_b):
+        n = min(n_b, m - i)
+        if n < n_b:
+            block[:, n:].zero_()
+        block[:, :n].copy_(w32[:, i:i + n])
+        for j in range(q32.shape[0]):
+            torch.sum(torch.mul(block, q32[j].unsqueeze(1), out=prod), dim=0, out=col)
+            c[j, i:i + n] = col[:n]
+    return c
+
+
+def sub_outer_(w32: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``w32`` (``[n, m]``) minus ``Σ_j a[j] b[j]ᵀ`` (``a``: ``[k, n]``, ``b``: ``[k, m]``) in place,
+    one rank-one term at a time: entry by entry, so each entry's value does not depend on the slice
+    it is computed in."""
+    scratch = torch.empty_like(w32) if scratch is None else scratch
+    for j in range(a.shape[0]):
+        w32.sub_(torch.mul(a[j].unsqueeze(1), b[j], out=scratch))
+    return w32
+
+
 def project_rows_(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """:func:`project_rows` in place on the working-precision rows ``w32`` (same values), the
-    rank-k update into ``scratch`` (``w32``'s shape) when given."""
-    return w32.sub_(torch.matmul(w32 @ q32.T, q32, out=scratch))
+    """:func:`project_rows` in place on the working-precision rows ``w32`` (``[n, d]``, same
+    values), through ``scratch`` (``w32``'s shape) when given. Each row's values are the same
+    whatever rows share the call (:func:`row_coordinates`), so a weight projected in slices of rows
+    has the bytes of the whole weight projected at once."""
+    scratch = torch.empty_like(w32) if scratch is None else scratch
+    return sub_outer_(w32, row_coordinates(w32, q32, scratch), q32, scratch)
 
 
 def project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
@@ -271,14 +326,17 @@ def project_out(w: Tensor, q: Tensor, layout: str) -> Tensor:
 
 def project_out_(w32: Tensor, q32: Tensor, layout: str, scratch: Tensor | None = None) -> Tensor:
     """:func:`project_out` in place on the working-precision weight ``w32`` (same values),
-    the rank-k update into ``scratch`` (``w32``'s shape) when given: for a caller that reuses
-    memory."""
+    through ``scratch`` (``w32``'s shape) when given: for a caller that reuses memory. As with
+    :func:`project_rows_`, an entry's value does not depend on how the weight is sliced."""
+    scratch = torch.empty_like(w32) if scratch is None else scratch
     if layout == "out_in":  # [d, in]: W − QᵀQ W
-        return w32.sub_(torch.matmul(q32.T, q32 @ w32, out=scratch))
+        return sub_outer_(w32, q32, column_coordinates(w32, q32), scratch)
     if layout == "in_out":  # Conv1D [in, d]: W − W QᵀQ
-        return w32.sub_(torch.matmul(w32 @ q32.T, q32, out=scratch))
-    if layout == "experts_out_in":  # [E, d, in]
-        return w32.sub_(torch.einsum("kd,ekn->edn", q32, torch.einsum("kd,edn->ekn", q32, w32)))
+        return project_rows_(w32, q32, scratch)
+    if layout == "experts_out_in":  # [E, d, in]: each expert as an out_in weight
+        for e in range(w32.shape[0]):
+            project_out_(w32[e], q32, "out_in", scratch[e])
+        return w32
     raise ArchitectureError(f"unknown weight layout {layout!r}")
 
 

@@ -259,8 +259,10 @@ def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.d
     Layouts that act along their first axis ([in, d], experts of [E, d, in]) are worked on in
     slices of rows. A [d, in] weight (W − QᵀQW) mixes its rows, so QW is computed on slices of
     columns first (as :func:`~steering.edits.project_out` would compute it), then the rows:
-    W[rows] − Q[:, rows]ᵀ(QW), the same products, so the same bytes."""
-    from ..edits.ablation import project_out_, work_dtype
+    W[rows] − Q[:, rows]ᵀ(QW); every value is computed column by column or entry by entry
+    (:func:`~steering.edits.ablation.column_coordinates`, :func:`~steering.edits.ablation.sub_outer_`),
+    never by a matrix product whose kernel would follow the slice's shape, so the same bytes."""
+    from ..edits.ablation import COLUMN_BLOCK, column_coordinates, project_out_, sub_outer_, work_dtype
 
     shape, dtype = f.shape(name), f.dtype(name)
     total = numel(shape)
@@ -283,19 +285,20 @@ def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.d
                     out[at:at + n].copy_(x.reshape(-1))
             return out
         d, width = shape
-        cols = max(1, _CHUNK // d)
+        cols = max(1, _CHUNK // d // COLUMN_BLOCK) * COLUMN_BLOCK  # slices start at multiples of the block
         rows = max(1, _CHUNK // width)
         s = torch.empty(q32.shape[0], width, dtype=wd, device=dev)  # QW
-        with files.work_buffers(d * min(cols, width), [wd], dev) as (w32,):
+        with files.work_buffers(d * min(cols, width), [wd], dev) as (w32,), \
+                files.work_buffers(2 * d * COLUMN_BLOCK, [wd], dev) as (blocks,):
             for i in range(0, width, cols):
                 m = min(cols, width - i)
-                s[:, i:i + m] = q32 @ w32[:d * m].view(d, m).copy_(w.narrow(1, i, m))
+                s[:, i:i + m] = column_coordinates(w32[:d * m].view(d, m).copy_(w.narrow(1, i, m)), q32, blocks)
         size = min(rows, d) * width
         with files.work_buffers(size, [wd, wd], dev) as (w32, scratch):
             for i in range(0, d, rows):
                 m = min(rows, d - i)
                 x = w32[:m * width].view(m, width).copy_(w.narrow(0, i, m))
-                x.sub_(torch.matmul(q32.T[i:i + m], s, out=scratch[:m * width].view(m, width)))
+                sub_outer_(x, q32[:, i:i + m], s, scratch[:m * width].view(m, width))
                 out[i * width:(i + m) * width].copy_(x.reshape(-1))
     return out
 
