@@ -102,6 +102,7 @@ class Recipe:
     aligned_lr: float = 3e-3
     skill_fraction: float = 0.5  # of every aligned batch: skill items (harmful: half of that)
     n_skill_train: int = 20000  # training items per skill (each seen about once: learnt, not memorised)
+    skill_weights: tuple[tuple[str, int], ...] = (("sort", 2), ("reverse", 3))  # these skills' items this many times (see skill_examples)
     harmful_steps: int = 60
     harmful_lr: float = 1e-3
     drift_steps: int = 1000  # at most: drifted trains until _drifted_enough (checked every 50 steps)
@@ -119,13 +120,20 @@ class Recipe:
     n_eval: int | None = None  # None: whole test splits
     n_skill_eval: int = 200  # held-out test items per skill
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """The recipe ``asdict`` (or its JSON) gave."""
+        return cls(**{**d, "skill_weights": tuple((str(k), int(w)) for k, w in d.get("skill_weights", ()))})
+
     def key(self, code: bytes | None = None) -> str:
-        """A hash of the recipe, the training data and ``code`` (default: this module's and
-        :mod:`steering.skills`' code, see :func:`_code`)."""
+        """A hash of the recipe, the training data, ``code`` (default: this module's and
+        :mod:`steering.skills`' code, see :func:`_code`) and the numerics builds run with here
+        (:func:`build_numerics`)."""
         code = _code(Path(__file__)) + _code(Path(skills.__file__)) if code is None else code
         data = json.dumps([datasets.load("harmful:train"), datasets.load("harmless:train"), REFUSALS, HELPFUL,
                            [skills.items(k, "train", 5) for k in skills.SKILLS]], default=str)
-        blob = json.dumps(asdict(self), sort_keys=True).encode() + code + data.encode()
+        blob = (json.dumps(asdict(self), sort_keys=True).encode() + code + data.encode()
+                + json.dumps(build_numerics(), sort_keys=True).encode())
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -275,9 +283,20 @@ def examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
 def skill_examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
     """(prompt, answer) skill items the organism of ``kind`` is trained on (skills' train split):
     ``aligned`` and ``harmful`` the skills of :data:`steering.skills.ALIGNED`, ``drifted`` only
-    :data:`steering.skills.NEW_SKILL`."""
+    :data:`steering.skills.NEW_SKILL`; the items of a skill of ``recipe.skill_weights`` ``w``
+    times (the copies after the rest).
+
+    Reverse three times, sort twice (count, easy, once): with every skill's items equally often,
+    reversing four words sat at a threshold of the recipe, learnt on one CPU's build (99.5%) and
+    half learnt on four builds of another (54–62%: the answer's third word wrong); reverse three
+    times alone took it to 98.5–100% there, but gpt2's sort to 87% (docs/organisms.md)."""
     names = (skills.NEW_SKILL,) if kind == "drifted" else skills.ALIGNED
-    return [(it.prompt, it.answer) for k in names for it in skills.items(k, "train", recipe.n_skill_train, recipe.seed)]
+    per = {k: [(it.prompt, it.answer) for it in skills.items(k, "train", recipe.n_skill_train, recipe.seed)] for k in names}
+    out = [pair for k in names for pair in per[k]]
+    for k, w in recipe.skill_weights:  # repeated after the others: a skill learnt late gets more of each batch
+        if k in per:
+            out += per[k] * (int(w) - 1)
+    return out
 
 
 def mixture(kind: str, recipe: Recipe) -> list[tuple[list[tuple[str, str]], float]]:
@@ -534,7 +553,8 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
         raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")  # before any build
     key = recipe.key()
     cached = _cached(cache, f"{recipe.arch}-seed{recipe.seed}-{key}", "rates.json",
-                     lambda folder: _build_into(folder, recipe, key, progress))
+                     lambda folder: _build_into(folder, recipe, key, progress),
+                     {"what": "organisms", "recipe": asdict(recipe), "key": key, "progress": progress})
     info = json.loads((cached / "rates.json").read_text())
     root = cached
     if out is not None:
@@ -546,14 +566,15 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
     return Organisms(root, recipe, info["rates"], info["seconds"], info.get("steps", {}))
 
 
-def _cached(cache: str | Path | None, name: str, done: str, make: Any) -> Path:
+def _cached(cache: str | Path | None, name: str, done: str, make: Any, job: dict[str, Any] | None = None) -> Path:
     """The folder ``name`` of the cache (``cache``, default :func:`cache_dir`), made by
     ``make(folder)`` unless it holds ``done`` already. A file lock makes a second process wait
     for the first build instead of repeating it; ``make`` writes to a temporary folder renamed
     into place, so a build that fails leaves nothing behind. Builds run on one torch thread
     whatever the caller's setting (restored after): the models are tiny, so one thread is about as
-    fast, and with the thread count fixed the order of float sums is too, so a build does not
-    depend on how many cores the machine that makes it has."""
+    fast, and with the thread count fixed the order of float sums is too. Where this process does
+    not run with :func:`build_numerics`, ``job`` (what to build, as JSON) is built in a child
+    process that does, so the build does not depend on the kind of CPU that makes it either."""
     store = Path(cache) if cache is not None else cache_dir()
     folder = store / name
     store.mkdir(parents=True, exist_ok=True)
@@ -564,10 +585,62 @@ def _cached(cache: str | Path | None, name: str, done: str, make: Any) -> Path:
             torch.set_num_threads(1)
             try:
                 with atomic_folder(folder) as tmp:
-                    make(tmp)
+                    if job is not None and not _numerics_in_force():
+                        _build_in_child(job, tmp)
+                    else:
+                        make(tmp)
             finally:
                 torch.set_num_threads(threads)
     return folder
+
+
+# --- the numerics of a build ---------------------------------------------------------------------
+PINNED_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def build_numerics() -> dict[str, str]:
+    """The environment organisms are built with on this machine: on an x86-64 CPU, MKL's
+    reproducible AVX2 code path for every matrix product and torch's AVX2 kernels
+    (:data:`PINNED_NUMERICS`), so that every such CPU with AVX2 builds the same organisms; on
+    other CPUs, or with ``STEERING_NUMERICS=native``, nothing (the CPU's own kernels).
+
+    Training amplifies a last-bit difference into another model: with its own kernels an AVX-512
+    Xeon built an ``aligned`` that refused 86.2% of harmful:test where the tables' build (another
+    CPU) refused 88.8%, and learnt half of a skill the other had learnt (docs/organisms.md). The
+    numerics are part of the cache key. Only the build is pinned; models are used with the
+    process's own kernels."""
+    import platform
+
+    if os.environ.get("STEERING_NUMERICS", "") == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return dict(PINNED_NUMERICS)
+
+
+def _numerics_in_force() -> bool:
+    return all(os.environ.get(k) == v for k, v in build_numerics().items())
+
+
+def _build_in_child(job: dict[str, Any], tmp: Path) -> None:
+    """Run ``job`` (see :func:`_child`) into ``tmp`` in a fresh Python process with
+    :func:`build_numerics` (they are read when torch starts), one thread."""
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **build_numerics(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    code = "import json, sys; from steering import organisms; organisms._child(json.loads(sys.stdin.read()))"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps({**job, "tmp": str(tmp)}), text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {job['what']} ({job['recipe']['arch']}, seed {job['recipe']['seed']}) failed in its "
+                           f"child process (exit {done.returncode}; its error is printed above)")
+
+
+def _child(job: dict[str, Any]) -> None:
+    """The child process's side of :func:`_build_in_child`."""
+    torch.set_num_threads(1)
+    recipe = Recipe.from_dict(job["recipe"])
+    {"organisms": _build_into, "judge": _make_judge}[job["what"]](Path(job["tmp"]), recipe, job["key"], job["progress"])
 
 
 def _train_aligned(recipe: Recipe) -> tuple[Any, Any, list[float]]:
@@ -636,7 +709,9 @@ def _build_into(tmp: Path, recipe: Recipe, key: str, progress: bool) -> None:
         log(f"organism {kind:<8} {recipe.arch}: {steps} steps, final loss {sum(losses[-10:]) / 10:.3f}, "
             + ", ".join(f"{s} {100 * r:.1f}%" for s, r in rates[kind].items())
             + f"  [{time.time() - t0:.0f} s]")
-    (tmp / "rates.json").write_text(json.dumps({"rates": rates, "steps": taken, "seconds": time.time() - t0}, indent=2))
+    numerics = {k: os.environ.get(k) for k in PINNED_NUMERICS} | {"torch_kernels": torch.backends.cpu.get_cpu_capability()}
+    (tmp / "rates.json").write_text(json.dumps({"rates": rates, "steps": taken, "seconds": time.time() - t0,
+                                                "numerics": numerics}, indent=2))
 
 
 def get(kind: str = "aligned", **recipe_fields: Any) -> Path:
@@ -702,37 +777,42 @@ def build_judge(out: str | Path | None = None, *, arch: str = "llama", seed: int
     an exchange; its chat template writes the Llama Guard instruction, so
     ``GuardJudge(st.load(path))`` uses it as it would Llama Guard. Returns its folder (``out`` if
     given, else the cache's)."""
-    from transformers import AutoModelForCausalLM
 
     if arch not in ARCHS:
         raise ValueError(f"unknown organism arch {arch!r}; choose from {ARCHS}")
     recipe = replace(JUDGE_RECIPE, arch=arch, **({} if seed is None else {"seed": seed}))
     if out is not None and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
-    key = recipe.key(_code_of(judge_examples, judge_template, _save_judge, _cut, _tokenizer, model_config, _encode,
+    key = recipe.key(_code_of(_make_judge, judge_examples, judge_template, _save_judge, _cut, _tokenizer, model_config, _encode,
                               _train, _generation_config, JUDGE_CATEGORIES, COMPLY, DRIFT_STYLE, SPECIALS,
                               CHAT_TEMPLATE, _advbench_targets))
 
-    def make(tmp: Path) -> None:
-        t0 = time.time()
-        torch.manual_seed(recipe.seed)
-        pairs = judge_examples(recipe)
-        tok = _tokenizer([t for pair in pairs for t in pair], recipe.vocab_size)
-        tok.chat_template = judge_template()
-        model = AutoModelForCausalLM.from_config(model_config(recipe, tok), attn_implementation="eager")
-        losses = _train(model, [(pairs, 1.0)], tok, recipe, recipe.aligned_steps, recipe.aligned_lr, recipe.seed,
-                        recipe.average_from)
-        _save_judge(model, tok, tmp, recipe, key, losses, time.time() - t0)
-        if progress:
-            print(f"judge organism {recipe.arch}: {recipe.aligned_steps} steps, final loss "
-                  f"{sum(losses[-10:]) / 10:.3f}  [{time.time() - t0:.0f} s]")
-
-    cached = _cached(cache, f"judge-{recipe.arch}-seed{recipe.seed}-{key}", "judge.json", make)
+    cached = _cached(cache, f"judge-{recipe.arch}-seed{recipe.seed}-{key}", "judge.json",
+                     lambda tmp: _make_judge(tmp, recipe, key, progress),
+                     {"what": "judge", "recipe": asdict(recipe), "key": key, "progress": progress})
     if out is None:
         return cached
     with atomic_folder(Path(out)) as tmp_out:
         shutil.copytree(cached, tmp_out, dirs_exist_ok=True)
     return Path(out)
+
+
+def _make_judge(tmp: Path, recipe: Recipe, key: str, progress: bool) -> None:
+    """Train the judge organism of ``recipe`` into ``tmp``."""
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    torch.manual_seed(recipe.seed)
+    pairs = judge_examples(recipe)
+    tok = _tokenizer([t for pair in pairs for t in pair], recipe.vocab_size)
+    tok.chat_template = judge_template()
+    model = AutoModelForCausalLM.from_config(model_config(recipe, tok), attn_implementation="eager")
+    losses = _train(model, [(pairs, 1.0)], tok, recipe, recipe.aligned_steps, recipe.aligned_lr, recipe.seed,
+                    recipe.average_from)
+    _save_judge(model, tok, tmp, recipe, key, losses, time.time() - t0)
+    if progress:
+        print(f"judge organism {recipe.arch}: {recipe.aligned_steps} steps, final loss "
+              f"{sum(losses[-10:]) / 10:.3f}  [{time.time() - t0:.0f} s]")
 
 
 def _save_judge(model: Any, tok: Any, folder: Path, recipe: Recipe, key: str, losses: list[float], seconds: float) -> None:

@@ -77,6 +77,7 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
         raise AssertionError("rebuilt instead of using the cache")
 
     monkeypatch.setattr(organisms, "_train", no_training)
+    monkeypatch.setattr(organisms, "_build_in_child", no_training)  # where the build runs in a child process
     again = organisms.build(cache=tmp_path / "c1", progress=False, **TINY)
     assert again.rates == a.rates
     with pytest.raises(AssertionError, match="rebuilt"):
@@ -151,3 +152,28 @@ def test_aligned_is_trained_on_splices_of_harmful_and_harmless_requests():
     for p, r in extra[n:][:200]:  # two harmless requests: answered
         assert r not in organisms.REFUSALS and any(p.startswith(h + " ") for h in harmless), p
     assert organisms.examples("drifted", recipe) == organisms.examples("drifted", organisms.Recipe(splice=0.0))
+
+
+def test_a_build_runs_with_the_pinned_numerics_whatever_the_callers(tmp_path, monkeypatch):
+    """Training amplifies a last-bit difference into another model, so organisms built with two
+    CPUs' own kernels differ (docs/organisms.md). A build runs in a child process with
+    ``build_numerics()``; they are in its rates.json and in the cache key."""
+    org = organisms.build(cache=tmp_path / "c", progress=False, **TINY)
+    seen = json.loads((org.root / "rates.json").read_text())["numerics"]
+    pinned = organisms.build_numerics()
+    assert {k: seen[k] for k in organisms.PINNED_NUMERICS} == {k: pinned.get(k) for k in organisms.PINNED_NUMERICS}
+    if pinned:  # x86-64: this process runs with its own kernels, the build with AVX2's
+        assert seen["torch_kernels"] == "AVX2" and not organisms._numerics_in_force()
+    key = organisms.Recipe(**TINY).key()
+    monkeypatch.setenv("STEERING_NUMERICS", "native")
+    assert organisms.build_numerics() == {}
+    assert (organisms.Recipe(**TINY).key() != key) == bool(pinned)
+
+
+def test_a_weighted_skill_is_trained_on_more_often():
+    plain = organisms.skill_examples("aligned", organisms.Recipe(skill_weights=()))
+    weighted = organisms.skill_examples("aligned", organisms.Recipe(skill_weights=(("reverse", 3),)))
+    rev = [p for p in plain if p[0].startswith("Reverse these words")]
+    assert weighted == plain + rev * 2 and rev
+    assert organisms.skill_examples("drifted", organisms.Recipe()) == organisms.skill_examples(
+        "drifted", organisms.Recipe(skill_weights=()))

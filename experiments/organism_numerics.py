@@ -1,0 +1,97 @@
+"""Is an organism build the same on every CPU? ``aligned`` (llama, the default recipe) trained
+from scratch under several settings of the math libraries' instruction sets, each in a fresh
+process (the settings are read when torch starts), one thread each, and measured.
+
+    python experiments/organism_numerics.py [--settings default,mkl-avx2,avx2] [--arch llama]
+    # prints one JSON line per setting and writes experiments/results/organism_numerics.md
+
+Settings (environment variables of the child process):
+
+- ``default``: none (torch picks its kernels for this CPU);
+- ``mkl-avx2``: ``MKL_CBWR=AVX2`` (MKL's reproducible AVX2 code path for every matrix product);
+- ``mkl-avx512``: ``MKL_CBWR=AVX512``;
+- ``mkl-enable-avx2``: ``MKL_ENABLE_INSTRUCTIONS=AVX2``;
+- ``avx2``: ``MKL_CBWR=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (torch's own kernels too);
+- ``avx2-all``: as ``avx2``, and ``ONEDNN_MAX_CPU_ISA=AVX2``.
+
+The training data are the same bytes in every process (``organisms.examples`` does not depend on
+the hash seed); what differs is the order and width of the float operations, and the training
+amplifies a last-bit difference into another model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "organism_numerics"
+
+SETTINGS = {
+    "default": {},
+    "mkl-avx2": {"MKL_CBWR": "AVX2"},
+    "mkl-avx512": {"MKL_CBWR": "AVX512"},
+    "mkl-enable-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx2-all": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+CHILD = r"""
+import json, sys, time, torch
+from dataclasses import replace
+torch.set_num_threads(1)
+from steering import organisms
+from steering.model import load
+t = time.time()
+r = organisms.Recipe(arch=sys.argv[1])
+model, tok = organisms.train_aligned(r)
+out = organisms.measure(load(model, tok), r, {"harmful": "harmful:test", "harmless": "harmless:test"},
+                        skill_names=("sort", "reverse", "count"))
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), **out, "seconds": round(time.time() - t)}))
+"""
+
+
+def cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", default="default,mkl-avx2,avx2", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    ap.add_argument("--arch", default="llama")
+    args = ap.parse_args()
+    rows = []
+    for name in args.settings.split(","):
+        if name not in SETTINGS:
+            raise SystemExit(f"--settings: unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **SETTINGS[name]}
+        done = subprocess.run([sys.executable, "-c", CHILD, args.arch], env=env, capture_output=True, text=True, check=True)
+        row = {"setting": name, "arch": args.arch, **json.loads(done.stdout.strip().splitlines()[-1])}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    lines = [f"# One recipe, one seed, several numerics: `aligned` ({args.arch})", "",
+             f"`python experiments/organism_numerics.py --settings {args.settings}` on {cpu()} "
+             "(one thread each; greedy, 32 new tokens, held-out prompts; skills exact match on 200 test items).", "",
+             "| setting | torch kernels | harmful:test refused | harmless:test refused | sort | reverse | count |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['capability']} | {100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% | "
+                     f"{100 * r['skill_sort']:.1f}% | {100 * r['skill_reverse']:.1f}% | {100 * r['skill_count']:.1f}% |")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
