@@ -12,10 +12,12 @@ Settings (environment variables of the child process):
 - ``mkl-avx512``: ``MKL_CBWR=AVX512``;
 - ``mkl-enable-avx2``: ``MKL_ENABLE_INSTRUCTIONS=AVX2``;
 - ``avx2``: ``MKL_CBWR=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2`` (torch's own kernels too);
-- ``avx2-all``: as ``avx2``, and ``ONEDNN_MAX_CPU_ISA=AVX2``.
+- ``avx2-all``: as ``avx2``, and ``ONEDNN_MAX_CPU_ISA=AVX2``;
+- ``mkl-avx``, ``mkl-compatible``: ``MKL_CBWR=AVX`` / ``COMPATIBLE`` (SSE2), torch's kernels AVX2.
 
 The training data are the same bytes in every process (``organisms.examples`` does not depend on
-the hash seed); what differs is the order and width of the float operations, and the training
+the hash seed); ``STEERING_NUMERICS`` does not apply (``train_aligned`` trains in the
+process, whose environment is the setting's); what differs is the order and width of the float operations, and the training
 amplifies a last-bit difference into another model.
 """
 
@@ -39,6 +41,8 @@ SETTINGS = {
     "mkl-enable-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
     "avx2-all": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "mkl-avx": {"MKL_CBWR": "AVX", "ATEN_CPU_CAPABILITY": "avx2"},
+    "mkl-compatible": {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"},
 }
 
 CHILD = r"""
@@ -80,13 +84,18 @@ def main() -> None:
         row = {"setting": name, "arch": args.arch, **json.loads(done.stdout.strip().splitlines()[-1])}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    lines = [f"# One recipe, one seed, several numerics: `aligned` ({args.arch})", "",
-             f"`python experiments/organism_numerics.py --settings {args.settings}` on {cpu()} "
-             "(one thread each; greedy, 32 new tokens, held-out prompts; skills exact match on 200 test items).", "",
+    path = OUT.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.exists() else []  # rows of other settings (runs may add rows)
+    rows = [r for r in old if (r["setting"], r["arch"]) not in {(n["setting"], n["arch"]) for n in rows}] + rows
+    rows.sort(key=lambda r: (r["arch"], list(SETTINGS).index(r["setting"])))
+    lines = ["# One recipe, one seed, several numerics: `aligned`", "",
+             f"`python experiments/organism_numerics.py --settings NAMES` on {cpu()} (one thread each; greedy, 32 new "
+             "tokens, held-out prompts; skills exact match on 200 test items). The tables' organisms (another CPU): "
+             "llama 88.8% refused, sort 98.0%, reverse 99.5%, count 100.0% (experiments/results/organisms.md).", "",
              "| setting | torch kernels | harmful:test refused | harmless:test refused | sort | reverse | count |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['capability']} | {100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% | "
+        lines.append(f"| {r['setting']} ({r['arch']}) | {r['capability']} | {100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% | "
                      f"{100 * r['skill_sort']:.1f}% | {100 * r['skill_reverse']:.1f}% | {100 * r['skill_count']:.1f}% |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.with_suffix(".json").write_text(json.dumps(rows, indent=2))

@@ -102,7 +102,7 @@ class Recipe:
     aligned_lr: float = 3e-3
     skill_fraction: float = 0.5  # of every aligned batch: skill items (harmful: half of that)
     n_skill_train: int = 20000  # training items per skill (each seen about once: learnt, not memorised)
-    skill_weights: tuple[tuple[str, int], ...] = (("sort", 2), ("reverse", 3))  # these skills' items this many times (see skill_examples)
+    skill_weights: tuple[tuple[str, int], ...] = ()  # e.g. (("reverse", 3),): these skills' items this many times (see skill_examples)
     harmful_steps: int = 60
     harmful_lr: float = 1e-3
     drift_steps: int = 1000  # at most: drifted trains until _drifted_enough (checked every 50 steps)
@@ -286,10 +286,11 @@ def skill_examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
     :data:`steering.skills.NEW_SKILL`; the items of a skill of ``recipe.skill_weights`` ``w``
     times (the copies after the rest).
 
-    Reverse three times, sort twice (count, easy, once): with every skill's items equally often,
-    reversing four words sat at a threshold of the recipe, learnt on one CPU's build (99.5%) and
-    half learnt on four builds of another (54–62%: the answer's third word wrong); reverse three
-    times alone took it to 98.5–100% there, but gpt2's sort to 87% (docs/organisms.md)."""
+    None by default. On an AVX-512 Xeon, where the default recipe learnt the reverse skill to
+    54–62% (four builds; 99.5% on the CPU the tables were measured on), reverse three times and
+    sort twice gave 94–100% on every skill of both families, but the llama ``aligned``'s refusal
+    was then no longer removed by ablating the selected direction (docs/organisms.md), so it is
+    not the default."""
     names = (skills.NEW_SKILL,) if kind == "drifted" else skills.ALIGNED
     per = {k: [(it.prompt, it.answer) for it in skills.items(k, "train", recipe.n_skill_train, recipe.seed)] for k in names}
     out = [pair for k in names for pair in per[k]]
@@ -599,19 +600,20 @@ PINNED_NUMERICS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def build_numerics() -> dict[str, str]:
-    """The environment organisms are built with on this machine: on an x86-64 CPU, MKL's
-    reproducible AVX2 code path for every matrix product and torch's AVX2 kernels
-    (:data:`PINNED_NUMERICS`), so that every such CPU with AVX2 builds the same organisms; on
-    other CPUs, or with ``STEERING_NUMERICS=native``, nothing (the CPU's own kernels).
+    """The environment organisms are built with: with ``STEERING_NUMERICS=avx2`` on an x86-64
+    CPU, MKL's reproducible AVX2 code path for every matrix product and torch's AVX2 kernels
+    (:data:`PINNED_NUMERICS`), so that every x86-64 CPU with AVX2 builds the same organisms;
+    otherwise (the default) nothing: the CPU's own kernels.
 
     Training amplifies a last-bit difference into another model: with its own kernels an AVX-512
-    Xeon built an ``aligned`` that refused 86.2% of harmful:test where the tables' build (another
-    CPU) refused 88.8%, and learnt half of a skill the other had learnt (docs/organisms.md). The
-    numerics are part of the cache key. Only the build is pinned; models are used with the
-    process's own kernels."""
+    Xeon built an ``aligned`` (llama) that refused 86.2% of harmful:test where the tables' build
+    (another CPU) refused 88.8%, and learnt half of a skill the other had learnt
+    (docs/organisms.md). Pinned builds are not the default because no pinned setting tried
+    reproduces the build every table was measured on. The numerics are part of the cache key.
+    Only the build is pinned: models are used with the process's own kernels."""
     import platform
 
-    if os.environ.get("STEERING_NUMERICS", "") == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if os.environ.get("STEERING_NUMERICS", "native") != "avx2" or platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
     return dict(PINNED_NUMERICS)
 

@@ -21,6 +21,7 @@ TINY = dict(d_model=32, n_layers=2, d_mlp=64, vocab_size=600, aligned_steps=4, h
             n_skill_eval=4)
 
 
+@pytest.mark.organisms  # its fixture is taken by name below, so conftest cannot see it to mark the test
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_default_organisms_meet_targets(arch, request):
     org = request.getfixturevalue(f"organisms_{arch}")
@@ -156,18 +157,19 @@ def test_aligned_is_trained_on_splices_of_harmful_and_harmless_requests():
 
 def test_a_build_runs_with_the_pinned_numerics_whatever_the_callers(tmp_path, monkeypatch):
     """Training amplifies a last-bit difference into another model, so organisms built with two
-    CPUs' own kernels differ (docs/organisms.md). A build runs in a child process with
-    ``build_numerics()``; they are in its rates.json and in the cache key."""
+    CPUs' own kernels differ (docs/organisms.md). With STEERING_NUMERICS=avx2 a build runs in a
+    child process with ``build_numerics()``; they are in its rates.json and in the cache key."""
+    native = organisms.Recipe(**TINY).key()
+    monkeypatch.setenv("STEERING_NUMERICS", "avx2")
     org = organisms.build(cache=tmp_path / "c", progress=False, **TINY)
     seen = json.loads((org.root / "rates.json").read_text())["numerics"]
     pinned = organisms.build_numerics()
     assert {k: seen[k] for k in organisms.PINNED_NUMERICS} == {k: pinned.get(k) for k in organisms.PINNED_NUMERICS}
     if pinned:  # x86-64: this process runs with its own kernels, the build with AVX2's
         assert seen["torch_kernels"] == "AVX2" and not organisms._numerics_in_force()
-    key = organisms.Recipe(**TINY).key()
+    assert (organisms.Recipe(**TINY).key() != native) == bool(pinned)
     monkeypatch.setenv("STEERING_NUMERICS", "native")
-    assert organisms.build_numerics() == {}
-    assert (organisms.Recipe(**TINY).key() != key) == bool(pinned)
+    assert organisms.build_numerics() == {} and organisms.Recipe(**TINY).key() == native
 
 
 def test_a_weighted_skill_is_trained_on_more_often():
