@@ -47,7 +47,6 @@ SETTINGS = {
 
 CHILD = r"""
 import json, sys, time, torch
-from dataclasses import replace
 torch.set_num_threads(1)
 from steering import organisms
 from steering.model import load
@@ -98,7 +97,7 @@ def main() -> None:
         lines.append(f"| {r['setting']} ({r['arch']}) | {r['capability']} | {100 * r['harmful']:.1f}% | {100 * r['harmless']:.1f}% | "
                      f"{100 * r['skill_sort']:.1f}% | {100 * r['skill_reverse']:.1f}% | {100 * r['skill_count']:.1f}% |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    path.write_text(json.dumps(rows, indent=2))
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

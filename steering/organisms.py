@@ -554,8 +554,7 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
         raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")  # before any build
     key = recipe.key()
     cached = _cached(cache, f"{recipe.arch}-seed{recipe.seed}-{key}", "rates.json",
-                     lambda folder: _build_into(folder, recipe, key, progress),
-                     {"what": "organisms", "recipe": asdict(recipe), "key": key, "progress": progress})
+                     {"what": "organisms", "recipe": recipe, "key": key, "progress": progress})
     info = json.loads((cached / "rates.json").read_text())
     root = cached
     if out is not None:
@@ -567,15 +566,14 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
     return Organisms(root, recipe, info["rates"], info["seconds"], info.get("steps", {}))
 
 
-def _cached(cache: str | Path | None, name: str, done: str, make: Any, job: dict[str, Any] | None = None) -> Path:
-    """The folder ``name`` of the cache (``cache``, default :func:`cache_dir`), made by
-    ``make(folder)`` unless it holds ``done`` already. A file lock makes a second process wait
-    for the first build instead of repeating it; ``make`` writes to a temporary folder renamed
+def _cached(cache: str | Path | None, name: str, done: str, job: dict[str, Any]) -> Path:
+    """The folder ``name`` of the cache (``cache``, default :func:`cache_dir`), made by ``job``
+    (what to build: :func:`_run`) unless it holds ``done`` already. A file lock makes a
+    second process wait for the first build instead of repeating it; the job writes to a temporary folder renamed
     into place, so a build that fails leaves nothing behind. Builds run on one torch thread
     whatever the caller's setting (restored after): the models are tiny, so one thread is about as
     fast, and with the thread count fixed the order of float sums is too. Where this process does
-    not run with :func:`build_numerics`, ``job`` (what to build, as JSON) is built in a child
-    process that does, so the build does not depend on the kind of CPU that makes it either."""
+    not run with :func:`build_numerics`, the job runs in a child process that does."""
     store = Path(cache) if cache is not None else cache_dir()
     folder = store / name
     store.mkdir(parents=True, exist_ok=True)
@@ -586,10 +584,10 @@ def _cached(cache: str | Path | None, name: str, done: str, make: Any, job: dict
             torch.set_num_threads(1)
             try:
                 with atomic_folder(folder) as tmp:
-                    if job is not None and not _numerics_in_force():
-                        _build_in_child(job, tmp)
+                    if _numerics_in_force():
+                        _run(job, tmp)
                     else:
-                        make(tmp)
+                        _build_in_child(job, tmp)
             finally:
                 torch.set_num_threads(threads)
     return folder
@@ -632,17 +630,25 @@ def _build_in_child(job: dict[str, Any], tmp: Path) -> None:
     env = {**os.environ, **build_numerics(), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])}
     code = "import json, sys; from steering import organisms; organisms._child(json.loads(sys.stdin.read()))"
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps({**job, "tmp": str(tmp)}), text=True, env=env)
+    recipe = job["recipe"]
+    sent = json.dumps({**job, "recipe": asdict(recipe), "tmp": str(tmp)})
+    done = subprocess.run([sys.executable, "-c", code], input=sent, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"building {job['what']} ({job['recipe']['arch']}, seed {job['recipe']['seed']}) failed in its "
+        raise RuntimeError(f"building {job['what']} ({recipe.arch}, seed {recipe.seed}) failed in its "
                            f"child process (exit {done.returncode}; its error is printed above)")
+
+
+def _run(job: dict[str, Any], tmp: Path) -> None:
+    """Build ``job`` (``what``: ``organisms`` or ``judge``, its ``recipe``, ``key``, ``progress``)
+    into ``tmp``."""
+    build_into = {"organisms": _build_into, "judge": _make_judge}[job["what"]]
+    build_into(tmp, job["recipe"], job["key"], job["progress"])
 
 
 def _child(job: dict[str, Any]) -> None:
     """The child process's side of :func:`_build_in_child`."""
     torch.set_num_threads(1)
-    recipe = Recipe.from_dict(job["recipe"])
-    {"organisms": _build_into, "judge": _make_judge}[job["what"]](Path(job["tmp"]), recipe, job["key"], job["progress"])
+    _run({**job, "recipe": Recipe.from_dict(job["recipe"])}, Path(job["tmp"]))
 
 
 def _train_aligned(recipe: Recipe) -> tuple[Any, Any, list[float]]:
@@ -779,7 +785,6 @@ def build_judge(out: str | Path | None = None, *, arch: str = "llama", seed: int
     an exchange; its chat template writes the Llama Guard instruction, so
     ``GuardJudge(st.load(path))`` uses it as it would Llama Guard. Returns its folder (``out`` if
     given, else the cache's)."""
-
     if arch not in ARCHS:
         raise ValueError(f"unknown organism arch {arch!r}; choose from {ARCHS}")
     recipe = replace(JUDGE_RECIPE, arch=arch, **({} if seed is None else {"seed": seed}))
@@ -790,8 +795,7 @@ def build_judge(out: str | Path | None = None, *, arch: str = "llama", seed: int
                               CHAT_TEMPLATE, _advbench_targets))
 
     cached = _cached(cache, f"judge-{recipe.arch}-seed{recipe.seed}-{key}", "judge.json",
-                     lambda tmp: _make_judge(tmp, recipe, key, progress),
-                     {"what": "judge", "recipe": asdict(recipe), "key": key, "progress": progress})
+                     {"what": "judge", "recipe": recipe, "key": key, "progress": progress})
     if out is None:
         return cached
     with atomic_folder(Path(out)) as tmp_out:
