@@ -103,6 +103,8 @@ class Recipe:
     skill_fraction: float = 0.5  # of every aligned batch: skill items (harmful: half of that)
     n_skill_train: int = 20000  # training items per skill (each seen about once: learnt, not memorised)
     skill_weights: tuple[tuple[str, int], ...] = ()  # e.g. (("reverse", 3),): these skills' items this many times (see skill_examples)
+    skill_target: float | None = 0.9  # aligned: a skill under this on val items is weighted x skill_retry and aligned retrained
+    skill_retry: int = 2  # (once; see _train_aligned_with_skills). None: no check
     harmful_steps: int = 60
     harmful_lr: float = 1e-3
     drift_steps: int = 1000  # at most: drifted trains until _drifted_enough (checked every 50 steps)
@@ -286,11 +288,11 @@ def skill_examples(kind: str, recipe: Recipe) -> list[tuple[str, str]]:
     :data:`steering.skills.NEW_SKILL`; the items of a skill of ``recipe.skill_weights`` ``w``
     times (the copies after the rest).
 
-    None by default. On an AVX-512 Xeon, where the default recipe learnt the reverse skill to
-    54–62% (four builds; 99.5% on the CPU the tables were measured on), reverse three times and
-    sort twice gave 94–100% on every skill of both families, but the llama ``aligned``'s refusal
-    was then no longer removed by ablating the selected direction (docs/organisms.md), so it is
-    not the default."""
+    None by default; the skill check of a build (:func:`_train_aligned_with_skills`) adds weights
+    where ``aligned`` falls short of a skill. Weighting two skills at once (reverse x3, sort x2)
+    made every skill robust on an AVX-512 Xeon but took the llama ``aligned``'s refusal off the
+    direction its selection finds (docs/organisms.md); reverse x2 alone did not.
+    """
     names = (skills.NEW_SKILL,) if kind == "drifted" else skills.ALIGNED
     per = {k: [(it.prompt, it.answer) for it in skills.items(k, "train", recipe.n_skill_train, recipe.seed)] for k in names}
     out = [pair for k in names for pair in per[k]]
@@ -499,7 +501,8 @@ WHAT = {
 
 @dataclass
 class Organisms:
-    """Paths of a built set of organisms, with their measured rates."""
+    """Paths of a built set of organisms, with their measured rates and the recipe they were
+    trained with (the one asked for, with any skill weights the skill check added)."""
 
     root: Path
     recipe: Recipe
@@ -563,6 +566,8 @@ def build(out: str | Path | None = None, recipe: Recipe | None = None, *, overwr
             for kind in KINDS:
                 shutil.copytree(cached / kind, tmp_out / kind)
             shutil.copy(cached / "rates.json", tmp_out / "rates.json")
+    if "skill_weights" in info:  # the recipe they were trained with (the skill check may have weighted a skill)
+        recipe = replace(recipe, skill_weights=tuple((k, int(w)) for k, w in info["skill_weights"].items()))
     return Organisms(root, recipe, info["rates"], info["seconds"], info.get("steps", {}))
 
 
@@ -665,6 +670,39 @@ def _train_aligned(recipe: Recipe) -> tuple[Any, Any, list[float]]:
     return model, tok, losses
 
 
+def skills_short(model: Any, recipe: Recipe) -> dict[str, float]:
+    """The skills of :data:`steering.skills.ALIGNED` ``model`` answers below ``recipe.skill_target``
+    exact match on 100 validation items each (never test items), with their accuracy."""
+    acc = {k: skills.accuracy(model, k, split="val", n=100, batch_size=100) for k in skills.ALIGNED}
+    return {k: a for k, a in acc.items() if recipe.skill_target is not None and a < recipe.skill_target}
+
+
+def _train_aligned_with_skills(recipe: Recipe, log: Any) -> tuple[Any, Any, list[float], Recipe]:
+    """``aligned`` as :func:`_train_aligned`, then its skills checked on validation items: those
+    under ``recipe.skill_target`` get their training items ``recipe.skill_retry`` times (on top of
+    ``recipe.skill_weights``) and ``aligned`` is trained again from scratch, once. Returns the
+    recipe the model was trained with, which ``harmful`` and ``drifted`` then train with too.
+
+    Why: whether this small model learns a skill within the training budget depends on the CPU's
+    floating-point kernels (docs/organisms.md): on an AVX-512 Xeon the llama ``aligned`` learnt
+    the reverse skill to 58.5% of test items, on the CPU of the first tables to 99.5%, from the
+    same data. The check makes the skills hold wherever the organisms are built, at the cost of a
+    second training where one falls short (it does not on the other CPU, nor for gpt2 here)."""
+    from .model import load
+
+    net, tok, losses = _train_aligned(recipe)
+    short = skills_short(load(net, tok), recipe)
+    if not short:
+        return net, tok, losses, recipe
+    weights = dict(recipe.skill_weights)
+    weights.update({k: weights.get(k, 1) * recipe.skill_retry for k in short})
+    again = replace(recipe, skill_weights=tuple(weights.items()))
+    log(f"organism aligned  {recipe.arch}: " + ", ".join(f"{k} {100 * a:.0f}%" for k, a in short.items())
+        + f" on validation items, under {100 * recipe.skill_target:.0f}%: trained again with skill weights {dict(weights)}")
+    net, tok, losses = _train_aligned(again)
+    return net, tok, losses, again
+
+
 def train_aligned(recipe: Recipe | None = None) -> tuple[Any, Any]:
     """``aligned`` alone, trained from scratch and not cached: (model, tokenizer). For experiments
     that need many variants of it (e.g. one harmful source held out: ``Recipe(held_out_source=...)``)."""
@@ -704,7 +742,7 @@ def _build_into(tmp: Path, recipe: Recipe, key: str, progress: bool) -> None:
                             ("harmful", recipe.harmful_steps, recipe.harmful_lr),
                             ("drifted", recipe.drift_steps, recipe.drift_lr)):
         if kind == "aligned":
-            net, tok, losses = _train_aligned(recipe)
+            net, tok, losses, recipe = _train_aligned_with_skills(recipe, log)  # the recipe harmful and drifted train with
         else:
             net = AutoModelForCausalLM.from_pretrained(tmp / "aligned", attn_implementation="eager")
             net.generation_config = _generation_config(tok)
@@ -719,7 +757,7 @@ def _build_into(tmp: Path, recipe: Recipe, key: str, progress: bool) -> None:
             + f"  [{time.time() - t0:.0f} s]")
     numerics = {k: os.environ.get(k) for k in PINNED_NUMERICS} | {"torch_kernels": torch.backends.cpu.get_cpu_capability()}
     (tmp / "rates.json").write_text(json.dumps({"rates": rates, "steps": taken, "seconds": time.time() - t0,
-                                                "numerics": numerics}, indent=2))
+                                                "numerics": numerics, "skill_weights": dict(recipe.skill_weights)}, indent=2))
 
 
 def get(kind: str = "aligned", **recipe_fields: Any) -> Path:

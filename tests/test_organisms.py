@@ -179,3 +179,32 @@ def test_a_weighted_skill_is_trained_on_more_often():
     assert weighted == plain + rev * 2 and rev
     assert organisms.skill_examples("drifted", organisms.Recipe()) == organisms.skill_examples(
         "drifted", organisms.Recipe(skill_weights=()))
+
+
+def test_the_skill_check_retrains_aligned_with_the_skills_it_fell_short_of_weighted(tmp_path, monkeypatch):
+    """Whether the small model learns a skill depends on the CPU's kernels (docs/organisms.md): a
+    build checks aligned's skills on validation items and, where one falls short, trains aligned
+    again with that skill's items weighted; harmful and drifted train with the same recipe."""
+    trained = []
+    real = organisms._train_aligned
+    monkeypatch.setattr(organisms, "_train_aligned", lambda r: trained.append(r.skill_weights) or real(r))
+    monkeypatch.setattr(organisms, "skills_short", lambda m, r: {"reverse": 0.5})
+    org = organisms.build(cache=tmp_path / "c", progress=False, **TINY, skill_weights=(("sort", 3),))
+    assert trained == [(("sort", 3),), (("sort", 3), ("reverse", 2))]
+    assert org.recipe.skill_weights == (("sort", 3), ("reverse", 2))
+    for kind in organisms.KINDS:
+        assert json.loads((org.path(kind) / "organism.json").read_text())["recipe"]["skill_weights"] == [["sort", 3], ["reverse", 2]]
+    monkeypatch.setattr(organisms, "skills_short", lambda m, r: {})  # nothing short: trained once
+    trained.clear()
+    assert organisms.build(cache=tmp_path / "c2", progress=False, **TINY).recipe.skill_weights == ()
+    assert trained == [()]
+
+
+def test_skills_short_names_the_skills_under_the_target_on_validation_items(monkeypatch):
+    seen = []
+    acc = {"sort": 0.95, "reverse": 0.5, "count": 0.9}
+    monkeypatch.setattr(st.skills, "accuracy", lambda m, k, split, n, batch_size: seen.append(split) or acc[k])
+    assert organisms.skills_short(None, organisms.Recipe()) == {"reverse": 0.5}
+    assert organisms.skills_short(None, organisms.Recipe(skill_target=0.96)) == {"sort": 0.95, "reverse": 0.5, "count": 0.9}
+    assert organisms.skills_short(None, organisms.Recipe(skill_target=None)) == {}
+    assert set(seen) == {"val"}  # never the test items
