@@ -25,14 +25,14 @@
 # exactly low-rank, so it also ships as a **LoRA adapter**.
 #
 # This notebook walks the whole pipeline on the `aligned` **model organism**: a 4-layer, d=128 chat model
-# the toolkit trains itself (no GPU, no model hub) to refuse harmful requests (~89% of the held-out ones)
+# the toolkit trains itself (no GPU, no model hub) to refuse harmful requests (about 90% of the held-out ones)
 # and answer harmless ones ("Sure! …"); it also has three small skills (sorting letters, reversing and
 # counting words). Steps:
 #
 # 1. **extract** candidates with `steering.extract.diff_in_means` at the prompt's post-instruction tokens;
 # 2. **select** one with `steering.select.select_direction` (bypass / induce / KL scores);
-# 3. **ablate** it with hooks (`edit.hooks(model)`): the plain ablation removes about two thirds of the
-#    refusals, at a KL of about 0.1 on harmless prompts, just above the paper's bound of 0.1;
+# 3. **ablate** it with hooks (`edit.hooks(model)`): the plain ablation removes most of the refusals,
+#    not all, at a cost in KL on harmless prompts;
 # 4. ablate it in **affine form** instead (`select_direction(..., affine=True)`, `AffineAblation.fit`):
 #    every refusal goes, with a KL far within the paper's bound;
 # 5. **bake** it (`.bake(model)`), write a Hugging Face folder (`steering.weights.bake.write_hf`) and reload it;
@@ -163,24 +163,26 @@ display(table(["layer"] + [f"pos {p}" for p in cands.positions],
 # - **KL**: KL divergence of the next-token distribution on harmless prompts, ablated vs plain: the cost.
 #
 # Candidates in the last 20% of layers, with induce < 0 or KL above the threshold are dropped, and the
-# lowest bypass wins. With the paper's KL threshold, 0.1 (the default), **no candidate passes** on the
-# organism: of those that pass the other filters, layer 1 at the last token costs 0.102, just above it, and
-# layer 2 about 0.6. So first we select with `kl_threshold=0.5`, to see what the plain ablation does and
-# what it costs.
+# lowest bypass wins. The paper's KL threshold is 0.1 (the default). Whether a candidate passes it
+# depends on the build: organisms trained on another kind of CPU are other models (docs/organisms.md).
+# On the build this notebook was last run on, layer 1 at the last token passes with a KL of about 0.03;
+# on the first organisms' build the same candidate cost 0.102 and nothing passed. Where nothing passes,
+# the cell relaxes the threshold to 0.5, to see what the plain ablation does and what it costs.
 
 # %% tags=["number"]
 paper = select_direction(model, cands, harmful_val, harmless_val, progress=False)   # kl_threshold=0.1
-print("pick with the paper's KL <= 0.1:", paper.pick)
-sel = select_direction(model, cands, harmful_val, harmless_val, kl_threshold=0.5, progress=False)
-print("pick with KL <= 0.5 (layer, position):", sel.pick)
+print("pick with the paper's KL <= 0.1 (layer, position):", paper.pick)
+sel = paper
+if paper.pick is None:   # nothing passes: relax the bound to see what the plain form does and costs
+    sel = select_direction(model, cands, harmful_val, harmless_val, kl_threshold=0.5, progress=False)
+    print("pick with KL <= 0.5 (layer, position):", sel.pick)
 display(Markdown(sel.table()))
 sel_row = next(r for r in sel.rows if (r["layer"], r["position"]) == sel.pick)
 
 # %% [markdown]
 # The heat maps show all candidates at once (`sel.plot(path)` writes a PNG; the pick is circled). Bypass
-# falls furthest at the last token (`<|assistant|>`, position −1): from about 5.8 without an edit to below
-# 0.1 at layer 1, and to 0.4–0.7 at layers 2 and 3, but not below zero. At `<|end|>` (position −2) the
-# candidates lower the score only to about 3 and have a *negative* induce score (added there, they make
+# falls furthest at the last token (`<|assistant|>`, position −1). At `<|end|>` (position −2) the
+# candidates lower the score far less and have a *negative* induce score (added there, they make
 # harmless prompts even less likely to be refused), so they are filtered out.
 
 # %% tags=["image"]
@@ -209,17 +211,17 @@ for p, a, b in zip(harmful_test[:3], model.generate(harmful_test[:3], max_new_to
     print(f"{p[:50]!r:55} {a!r:50} -> {b!r}")
 
 # %% [markdown]
-# In plain form this direction removes only part of the refusal: about two thirds of the harmful prompts
-# are answered once it is ablated, but a third are still refused, the three above among them (its bypass
-# score, 0.08, stays just above zero). Section 4 removes them all with one direction in affine form. (For
+# In plain form this direction removes most of the refusal, not all: some harmful prompts are still
+# refused once it is ablated (on the first organisms' build a third were; the table above has this run's
+# share). Section 4 removes them all with one direction in affine form. (For
 # models where one direction is not enough, `steering.select.select_subspace` grows a low-rank subspace
 # greedily from the best remaining candidates; `steering select --subspace` on the command line.)
 #
-# The cost is the KL on harmless prompts, about 0.1. Where it comes from: the harmless prompts do not sit
-# at zero along the direction but far on the negative side of it, about as far as the harmful prompts sit
-# on the positive side. Plain ablation sets every activation's coordinate to **zero**, which moves harmless
-# prompts halfway towards refusal: the first reply token, "Sure" for nearly every harmless prompt, loses
-# probability to "I" (the start of "I'm sorry" and "I cannot").
+# The cost is the KL on harmless prompts. Where it comes from: the harmless prompts do not sit at zero
+# along the direction but far on the negative side of it, between a third and all of the way the harmful
+# prompts sit on the positive side. Plain ablation sets every activation's coordinate to **zero**, which
+# moves harmless prompts towards refusal: the first reply token, "Sure" for nearly every harmless prompt,
+# loses probability to "I" (the start of "I'm sorry" and "I cannot").
 
 # %% tags=["number"]
 r_hat = cands.direction(*sel.pick) / cands.direction(*sel.pick).norm()    # unit; the candidate itself is not
@@ -270,16 +272,14 @@ display(table(["aligned organism", "harmful refused", "harmless refused", "KL (h
               [[k, pct(h), pct(n), f"{kls[k]:.3f}", f"{float(first[k][top[0]]):.3f}"] for k, (h, n) in results.items()]))
 
 # %% [markdown]
-# In affine form the bypass scores fall well below zero, and both last-token candidates of layers 1 and 2
-# pass the paper's KL filter (layer 3 is in the last 20% of layers). The affine selection picks layer 2,
-# the last token: the candidate whose plain ablation cost a KL of about 0.6. In affine form it removes
-# **every** refusal of the harmful test prompts (the plain ablation of layer 1 left a third), while the
-# harmless prompts' first-token distribution hardly moves ("Sure" keeps nearly all its probability): KL
-# well under 0.1 on the validation prompts (the selection table) and on the test prompts (above). The
-# reference it keeps, about −3 at layer 1 and −12 from layer 2 on, is the mean over both post-instruction
-# tokens of the harmless validation prompts.
-# On the full test sets, with 32 new tokens: 88.8% → 0.0% harmful refusal at KL 0.049, with the skills
-# kept (`experiments/results/methods.md`).
+# In affine form the bypass scores fall well below zero, and the last-token candidates of layers 1 and 2
+# pass the paper's KL filter (layer 3 is in the last 20% of layers). The affine pick removes **every**
+# refusal of the harmful test prompts (the plain ablation left some), while the harmless prompts'
+# first-token distribution hardly moves ("Sure" keeps nearly all its probability): KL well under 0.1 on
+# the validation prompts (the selection table) and on the test prompts (above). The reference it keeps
+# (printed above, per layer) is the mean over both post-instruction tokens of the harmless validation
+# prompts. On the full test sets, with 32 new tokens and the skills measured:
+# `experiments/results/methods.md`.
 #
 # ## 5 · Bake into the weights, and write a checkpoint
 #
@@ -318,10 +318,9 @@ print("reloaded: harmful refused", pct(results["baked checkpoint, reloaded"][0])
       "| harmless refused", pct(results["baked checkpoint, reloaded"][1]))
 
 # %% [markdown]
-# A picture of the sections so far: the plain ablation removes about two thirds of the refusals of harmful
-# prompts, the affine form all of them, and the baked model and its checkpoint behave like the hooks
-# (left); the affine form costs a fraction of the plain ablation's KL on harmless prompts, well within the
-# paper's bound (right).
+# A picture of the sections so far: the plain ablation removes most of the refusals of harmful prompts,
+# the affine form all of them, and the baked model and its checkpoint behave like the hooks (left); the
+# affine form's KL on harmless prompts is within the paper's bound (right).
 
 # %% tags=["image"]
 names = list(results)
@@ -409,9 +408,9 @@ print("provenance kept in the safetensors file:", SteeringVector.load(os.path.jo
 # %% [markdown]
 # What the direction does when *added*: the picked candidate, and the layer-2 vector read back from the
 # GGUF file, added at the prompt's template tokens (`Addition(vec, 1.0, positions="instruction_end")`),
-# make the organism refuse harmless requests: the layer-1 pick about half of them, the layer-2 vector
-# nearly all. (Added at every position, the paper's form, the layer-1 pick derails some replies instead,
-# "Sure, here is a language model, here is a short"; `experiments/results/directions.md` has a sweep.)
+# make the organism refuse harmless requests (on the first organisms' build the layer-1 pick about half
+# of them, the layer-2 vector nearly all). Added at every position, the paper's form, the layer-1 pick
+# derails replies instead (`experiments/results/directions.md` has a sweep).
 
 # %% tags=["number"]
 from steering.edits import Addition
@@ -430,8 +429,7 @@ with Addition(vec, 1.0, positions="all").hooks(model):
 # ## Summary
 #
 # The numbers of this run (48 + 48 held-out prompts, 12 new tokens; the full test sets, with 32 new
-# tokens, give `experiments/results/methods.md`: 88.8% → 0.0% harmful refusal with the direction ablated
-# in affine form, at KL 0.049).
+# tokens: `experiments/results/methods.md`).
 
 # %% tags=["summary"]
 summary = {"pick": list(sel.pick), "pick at the paper's KL threshold": paper.pick, "affine pick": list(asel.pick),
@@ -451,18 +449,18 @@ print(json.dumps(summary, indent=1))
 # What the text above says, checked on this run's numbers (the test suite runs this notebook).
 s = summary
 assert s["plain / harmful"] >= 0.85
-assert s["pick at the paper's KL threshold"] is None                     # plain form: nothing passes KL <= 0.1
-assert s["selection kl"] > 0.1                                           # (0.102: just above)
+paper = s["pick at the paper's KL threshold"]                            # the paper's bound, relaxed only
+assert list(paper) == s["pick"] if paper is not None else s["selection kl"] > 0.1   # ... where nothing passes it
 harmful, harmless = s["coordinates (harmful, harmless)"]
-assert harmless < 0 < harmful and 0.5 < -harmless / harmful < 2             # harmless prompts far on the negative side
-assert s["plain / harmful"] - s["direction ablated / harmful"] >= 0.4    # plain form: about two thirds go
-assert 0.05 <= s["direction ablated / kl"] <= 0.2                        # ... at a KL of about 0.1
+assert harmless < 0 < harmful and 0.3 < -harmless / harmful < 2             # harmless prompts far on the negative side
+assert s["plain / harmful"] - s["direction ablated / harmful"] >= 0.4    # plain form: most refusal goes,
+assert s["direction ablated / harmful"] > s["affine ablated / harmful"]  # ... not all
+assert s["direction ablated / kl"] <= 0.2                                # ... at a cost in KL
 p_plain, p_ablated, p_affine = s["P(first token) (plain, direction ablated, affine ablated)"]
-assert p_plain - p_ablated > 0.05 and p_plain - p_affine < 0.05            # "Sure" loses probability, not in affine form
-assert s["affine pick"] == [2, -1]                                       # layer 2, the last token
+assert p_ablated < p_plain and abs(p_affine - p_plain) < p_plain - p_ablated   # "Sure" loses probability, less in affine form
 assert s["affine selection kl"] <= 0.1                                   # the paper's filter, met
 assert s["affine ablated / harmful"] <= 0.05                             # every refusal goes
-assert s["affine ablated / kl"] <= 0.05 and s["affine ablated / kl"] < 0.5 * s["direction ablated / kl"]
+assert s["affine ablated / kl"] <= 0.05
 assert s["baked max logit diff"] < 1e-3                                  # baked == hooks
 assert abs(s["affine baked / harmful"] - s["affine ablated / harmful"]) <= 1 / 48 + 1e-9   # (greedy, up to a tie)
 assert s["reloaded max logit diff"] < 1e-4
@@ -472,7 +470,7 @@ assert s["direction added, read back from the GGUF file (layer 2) / harmless"] >
 assert s["peft max logit diff"] < 1e-3
 assert s["peft refuses affine"] is True
 assert s["gguf refuses layer 1"] is True and s["gguf roundtrip"] is True
-print("all 20 claims of the text hold")
+print("all 19 claims of the text hold")
 
 # %%
 print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")

@@ -102,7 +102,7 @@ models = {k: st.load(org.path(k)) for k in ("aligned", "harmful", "drifted")}
 # ## The three organisms
 #
 # Refusal on 48 held-out harmful and 48 harmless prompts (greedy, 32 new tokens, substring judge):
-# `drifted` has lost all of `aligned`'s refusals, and `harmful` refuses nothing.
+# `drifted` has lost nearly all of `aligned`'s refusals, and `harmful` refuses nothing.
 
 # %% tags=["number"]
 base_rates = {k: rates(m) for k, m in models.items()}
@@ -175,7 +175,7 @@ show(fig, "hdr_where.png")
 # `hdr(target, τ_H, out, scale=λ, top_k=k)` streams θ<sub>target</sub> − λ·topk(τ<sub>H</sub>) tensor by tensor into a new
 # checkpoint (never two models in memory). Settings: the paper's (3, 10%); the same trim per tensor
 # (`scope="tensor"`: 10% of *each* tensor, which the paper does not do) at λ = 3 and at λ = 2, the best
-# setting on validation in `experiments/results/hdr.md` (on the previous organisms; what `steering main` uses); the top half
+# setting on validation in `experiments/results/hdr.md` (on the previous organisms, without skills); the top half
 # at λ = 1, the best global trim there;
 # the untrimmed vector at λ = 1 and at the paper's λ = 3.
 
@@ -183,7 +183,7 @@ show(fig, "hdr_where.png")
 SETTINGS = [("λ=3, top 10% (paper)", 3.0, 0.1, "global"), ("λ=3, top 10% per tensor", 3.0, 0.1, "tensor"),
             ("λ=2, top 10% per tensor", 2.0, 0.1, "tensor"), ("λ=1, top 50%", 1.0, 0.5, "global"),
             ("λ=1, untrimmed", 1.0, 1.0, "global"), ("λ=3, untrimmed", 3.0, 1.0, "global")]
-BEST = "λ=2, top 10% per tensor"         # the best setting on validation (experiments/results/hdr.md, previous organisms)
+BEST = "λ=2, top 10% per tensor"         # the best on validation in experiments/results/hdr.md (previous organisms)
 hdr_models, hdr_rates = {}, {}
 for label, scale, k, scope in SETTINGS:
     path = hdr(D, tau_h, os.path.join(OUT, f"drifted-hdr-{scale:g}-{k:g}-{scope}"), scale=scale, top_k=k, scope=scope)
@@ -214,24 +214,23 @@ show(fig, "hdr_rates.png")
 #   handful of entries of) `lm_head` only, and `drifted`'s refusal rate stays where it was.
 # - **The same 10% taken per tensor works**, because it keeps the largest changes of every attention and
 #   MLP matrix. At λ = 2 (the best setting on validation on the previous organisms, and `steering main`'s
-#   until the search replaced it) it brings back about half of the refusals here with no over-refusal (one
-#   prompt is 2 points; on the test sets 0.4% → 38.8% harmful, 4.3% of 300 harmless prompts refused, with
-#   `increment` accuracy 85.9% → 79.7%: the hand-chosen row of `experiments/results/tune.md`). At the
-#   paper's λ = 3 it does no better, and refuses a harmless prompt.
-# - **On the new organisms, λ = 1 without the per-tensor trim does more**: the top half brings
-#   harmful refusal to about 75% and the whole vector to over 80%, each refusing one harmless prompt of
-#   48. The setting chosen on the previous organisms is no longer the best one. The search
-#   (`steering.tune`, `steering tune drifted --method hdr`) chooses on validation prompts: within 5
-#   points of skill and over-refusal it picks λ = 0.75 with the global top 30%, which on the test sets
-#   brings refusal to 59.6% with 1.0% of harmless prompts refused and `increment` at 89.1%
-#   (`experiments/results/tune.md`).
+#   until the search replaced it) it brings back about half of the refusals here with no over-refusal
+#   (one prompt is 2 points); its replies open as a refusal and then lose their way (below). At the
+#   paper's λ = 3 it does no better, and refuses a harmless prompt or two.
+# - **λ = 1 without the per-tensor trim does more**: the top half and the whole vector each bring harmful
+#   refusal to 70–80%, refusing at most one harmless prompt of 48. A setting chosen on other organisms
+#   is not the best one here. The search (`steering.tune`, `steering tune drifted --method hdr`)
+#   chooses on the validation prompts of the model at hand: within 5 points of skill and over-refusal
+#   it picked λ = 0.75 with a global trim on both builds it has run on (the top 30% on the first
+#   organisms, the top 50% on this Xeon's: 9.2% → 79.2% of 120 harmful test prompts, no harmless
+#   prompt refused; `experiments/results/organism_restore.md`).
 # - HDR does **not** work by undoing the drift: τ<sub>H</sub> and τ<sub>D</sub> are nearly orthogonal (|cos| ≤ 0.11 in every
-#   group of the table above, ≤ 0.03 in attention and MLP). Subtracting the harm vector pushes the drifted
+#   group of the table above, ≤ 0.04 in attention and MLP). Subtracting the harm vector pushes the drifted
 #   model away from complying, on top of its drift (notebook 04 measures how far the result is from
 #   `aligned`).
-# - **λ = 3 untrimmed overshoots**: three times the whole harm vector pushes the model into a loop of
-#   " I I Ior is is is …" (below). The substring judge counts 0% refused, but the model is not complying
-#   either: it is broken.
+# - **λ = 3 untrimmed overshoots**: three times the whole harm vector pushes the model into loops of
+#   repeated words (below). The substring judge counts (almost) nothing refused, but the model is not
+#   complying either: it is broken.
 #
 # A global magnitude trim is only as good as the assumption that the largest entries are the important
 # ones. On the organisms the unembedding is a quarter of all parameters and moves most in any fine-tune;
@@ -274,8 +273,10 @@ cos_icv = [float(torch.nn.functional.cosine_similarity(v_icv[l], refdir.directio
 print("cos(ICV, refusal direction) per layer:", [f"{c:+.2f}" for c in cos_icv])
 
 # %% [markdown]
-# The ICV (unsafe − safe) points *against* the refusal direction at every layer, as it should, so the
-# injection (which subtracts it) pushes towards refusal; but only weakly (|cos| about 0.15 or less). Does it
+# The ICV (unsafe − safe) is only weakly aligned with the model's own refusal direction (|cos| under 0.2
+# at every layer), and even its sign follows the build: on the first organisms' build it pointed
+# *against* the refusal direction, as it should (the injection, which subtracts it, then pushes towards
+# refusal); on this Xeon's build it points slightly *along* it, so the injection pushes away. Does it
 # move refusal? Below: generated refusals at a few β, and, as a finer gauge, the mean refusal log-odds
 # of the first reply token (the score `select_direction` uses). Then the paper's full pipeline: HDR
 # first (the best setting above, λ = 2, top 10% per tensor), then the ICV read on the HDR'd model.
@@ -306,16 +307,15 @@ for beta in (0.1, 0.3):
         print(f"drifted + ICV, β={beta:g}:", drifted.generate(harmful_test[:3], max_new_tokens=NEW_TOKENS))
 
 # %% [markdown]
-# - **ICV alone does not restore refusal on `drifted`.** It pushes the right way (the first-token
-#   refusal log-odds rises with β), but from far below zero, and it stays there: the replies (above) still
-#   start "Sure, here is …", and at β = 0.3 they garble ("Sure, here is a short overview to.....") with
-#   at most a prompt or so counted as refused. The demonstrations are raw `Question:/Answer:` texts, a
-#   format the organism never saw (it only knows its chat template), so the vector read from them is only
-#   weakly aligned with the model's own refusal direction. (Same on the full test sets with `steering
-#   main`'s β = 0.1: 0.4% → 0.4%, `experiments/results/methods.md`.)
+# - **ICV alone does not restore refusal on `drifted`.** It moves the first-token refusal log-odds
+#   steadily with β, in the direction its sign gives (above), from far below zero, and it stays there: the
+#   replies (above) still start "Sure …", and at β = 0.3 they garble. The demonstrations are raw
+#   `Question:/Answer:` texts, a format the organism never saw (it only knows its chat template), so the
+#   vector read from them is only weakly aligned with the model's own refusal direction. (The full test
+#   sets: `experiments/results/methods.md`.)
 # - **After HDR, the ICV adds refusals**: read on the HDR'd model, at β = 0.1 it brings harmful refusal
-#   up by about 15 points (52.1% → 66.7% on this run), still refusing no harmless prompt. There the
-#   first-token log-odds starts near zero, so the same small push tips more replies into refusal: the two
+#   up by about 15 points (the table above has this run's numbers), still refusing no harmless prompt.
+#   There the first-token log-odds starts near zero, where a small push tips replies either way: the two
 #   steps compose as in the paper, with the weight-space step doing most of the work.
 
 # %% tags=["summary"]
@@ -335,24 +335,26 @@ print(json.dumps(summary, indent=1, ensure_ascii=False))
 # What the text above says, checked on this run's numbers (the test suite runs this notebook).
 s = summary
 d = s["drifted / harmful"]
-assert s["aligned / harmful"] >= 0.8 and d <= 0.05                      # drifted has lost aligned's refusals
+assert s["aligned / harmful"] >= 0.8 and d <= 0.3 and s["aligned / harmful"] - d >= 0.6   # drifted lost its refusals
 assert s["top10_share_unembedding"] > 0.99                             # the paper's trim lands in lm_head
 assert abs(s["hdr λ=3, top 10% (paper) / harmful"] - d) <= 0.05          # ... and does nothing
 best = "hdr λ=2, top 10% per tensor"                                    # best on validation (previous organisms):
 assert s[f"{best} / harmful"] >= d + 0.3 and s[f"{best} / harmless"] <= 0.05   # about half back, no over-refusal
-assert d + 0.3 <= s["hdr λ=3, top 10% per tensor / harmful"] <= s[f"{best} / harmful"] + 1 / 48 + 1e-9  # λ=3: no better
+assert d + 0.2 <= s["hdr λ=3, top 10% per tensor / harmful"] <= s[f"{best} / harmful"] + 1 / 48 + 1e-9  # λ=3: no better
 for l in ("λ=1, top 50%", "λ=1, untrimmed"):                            # λ=1 without the per-tensor trim does more,
     assert s[f"hdr {l} / harmful"] >= s[f"{best} / harmful"] + 0.1 and s[f"hdr {l} / harmful"] >= 0.65
-    assert s[f"hdr {l} / harmless"] <= 0.05                             # ... refusing at most a harmless prompt or two
+    assert s[f"hdr {l} / harmless"] <= 1 / 48 + 1e-9                    # ... refusing at most one harmless prompt
 assert all(abs(c) < 0.2 for c in s["cos_tau_h_tau_d"].values())         # τ_H and τ_D nearly orthogonal
-assert s["hdr λ=3, untrimmed / harmful"] <= 0.05                        # broken: nothing the judge counts
+assert s["hdr λ=3, untrimmed / harmful"] <= 0.05                        # broken: (almost) nothing the judge counts
 lo = [s[f"{k} / log-odds"] for k in ("drifted", "drifted + ICV, β=0.05", "drifted + ICV, β=0.1", "drifted + ICV, β=0.3")]
-assert lo == sorted(lo) and lo[0] < lo[-1]                              # the ICV pushes towards refusal, with β
-assert all(-0.2 < c < 0 for c in s["cos_icv_refusal"])                  # against refusal, but only weakly
+along = sum(s["cos_icv_refusal"]) > 0                                   # the ICV's sign against the refusal direction
+assert lo == sorted(lo, reverse=along) and lo[0] != lo[-1]              # ... decides which way it moves, with β
+assert all(abs(c) < 0.2 for c in s["cos_icv_refusal"])                  # only weakly aligned either way
+assert max(s[f"drifted + ICV, β={b} / harmful"] for b in ("0.05", "0.1", "0.3")) <= d + 1 / 48 + 1e-9  # no refusal back
 then = "… then + ICV, β=0.1 (Safety Arithmetic)"                        # after HDR, the ICV adds refusals
 assert s[f"{then} / harmful"] >= s[f"{best} / harmful"] + 0.06
 assert s[f"{then} / harmless"] <= s[f"{best} / harmless"] + 1 / 48 + 1e-9
-print("all 13 claims of the text hold")
+print("all 14 claims of the text hold")
 
 # %%
 print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")

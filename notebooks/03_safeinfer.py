@@ -177,28 +177,32 @@ for mode, outs in samples.items():
     print(f"{mode:15}", outs)
 
 # %% [markdown]
-# **Amplification moves refusal, and guided decoding does too, alone; together they do about as much as
-# amplification.** (Test sets, at this setting: 0.4% plain, 60.8% with both, but 13.3% of 300 harmless
-# prompts refused, and `increment` accuracy falls from 85.9% to 21.9%: the hand-chosen row of
-# `experiments/results/tune.md`; the search, within 5 points of skill and over-refusal, picks amplification
-# alone at a weaker setting, 29.2% with nothing lost.) With both, about as many replies *start* as a
-# refusal as with amplification alone. Amplification costs a few harmless refusals.
+# **Amplification moves refusal, and guided decoding does too, alone; together they do no more than
+# amplification, and on some builds far less.** On the first organisms' build both together refused
+# about as much as amplification alone (and on the full test sets, at this setting, 0.4% plain → 60.8%
+# with both, at a cost of 13.3% of harmless prompts refused and most of the `increment` skill: the
+# hand-chosen row of `experiments/results/tune.md`); on this Xeon's build (2026-12-08) both together
+# refuse fewer harmful prompts than either alone (the table above). Amplification costs a few harmless
+# refusals. The search (`steering tune --method safeinfer`) measures both halves on the model at hand
+# and keeps guided decoding only where it helps on validation prompts.
 # The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
-# refusal. On the new organisms that works, at the first token, and mostly spares refusals once started;
-# both measured below:
+# refusal. That works at the first token; once a refusal has started it can break it. Both measured
+# below:
 #
-# 1. **At the first token, `drifted` has learned `harmful`'s failure.** Both open every harmful reply with
+# 1. **At the first token, `drifted` has learned `harmful`'s failure.** Both open (nearly) every harmful reply with
 #    "Sure" ("Sure, here is …"), and `harmful` is the more confident of the two, so for some prompts γ = 99
 #    pushes "Sure" out and the next best first token is `drifted`'s "I" of a refusal: guided decoding alone
 #    raises refusal from nothing, and the guided P(refusal-opening token) is several times `drifted`'s.
 #    This is the case the method was made for: the unsafe model's preference marks the unsafe token.
-# 2. **Once a reply has started as a refusal, the unsafe model rarely knows better.** `harmful` is `aligned`
-#    fine-tuned to comply and it has not forgotten its refusals, so after "I'm", "As an AI, I am" or
-#    "I cannot" it is, for some prompts, *more* confident in the next refusal token than amplified `drifted`
-#    is, and γ = 99 pushes exactly that token out; but now only for about a quarter of the prompts, so the
-#    "both" replies above read much like the amplified ones (an occasional "I'm sI cannot help"). The method assumes that what the
-#    unsafe model prefers is unsafe; an unsafe model that shares the safe model's refusals still breaks
-#    that assumption, here for a minority of prompts.
+# 2. **Once a reply has started as a refusal, the unsafe model sometimes knows better.** `harmful` is
+#    `aligned` fine-tuned to comply and it has not forgotten its refusals, so after "I'm", "As an AI, I am"
+#    or "I cannot" it is, for some prompts, *more* confident in the next refusal token than amplified
+#    `drifted` is, and γ = 99 pushes exactly that token out. How often depends on the opening (printed
+#    below: none to about a third of the prompts) and on the build: on the first organisms' build about a
+#    quarter after each opening, and the "both" replies read much like the amplified ones; on this Xeon's
+#    build up to a third, and many refusals break off ("I'm sI cannot help"). The method assumes that what
+#    the unsafe model prefers is unsafe; an unsafe model that shares the safe model's refusals breaks
+#    that assumption.
 
 # %% tags=["number"]
 from collections import Counter
@@ -249,15 +253,13 @@ assert s["processor == generate"] is True and s["gamma0 == plain"] is True
 assert s["amplification / harmful"] >= s["plain / harmful"] + 0.3      # amplification moves refusal,
 assert s["amplification / harmless"] <= 0.15                            # ... at the cost of a few harmless prompts
 assert s["guided (γ=99) / harmful"] >= s["plain / harmful"] + 0.1       # guided decoding alone raises it too
-assert s["both / harmful"] >= s["plain / harmful"] + 0.3                # both: about as much as amplification
-assert s["both / harmful"] >= s["amplification / harmful"] - 0.15
-opens = "harmful opens as refusal"                                      # ... and as many replies start as a refusal
-assert s[f"both / {opens}"] >= s[f"amplification / {opens}"] - 0.15
-assert s["first token 'Sure' / drifted"] >= 0.9 and s["first token 'Sure' / harmful (the unsafe model)"] >= 0.9
+assert s["both / harmful"] >= s["plain / harmful"] + 0.1                # both: above plain,
+assert s["both / harmful"] <= s["amplification / harmful"] + 1 / 48 + 1e-9   # ... but no more than amplification
+assert s["first token 'Sure' / drifted"] >= 0.8 and s["first token 'Sure' / harmful (the unsafe model)"] >= 0.9
 assert s["P(refusal-opening) / drifted, guided"] >= 2 * s["P(refusal-opening) / drifted"]   # the penalty shifts "Sure" to "I"
 pen = [s[f"penalised after {p!r}"] for p in ("I'm", "As an AI, I am", "I cannot")]
-assert all(0.1 <= x <= 0.45 for x in pen)                               # mid-refusal: about a quarter of the prompts
-print("all 10 claims of the text hold")
+assert max(pen) >= 0.1 and all(x <= 0.45 for x in pen)                  # mid-refusal: up to about a third of the prompts
+print("all 9 claims of the text hold")
 
 # %%
 print(f"notebook ran in {time.time() - T0:.0f} s; its files are in {OUT} (delete it when done)")
