@@ -19,6 +19,7 @@ match on their held-out test items (``steering.skills``). Three tables:
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,8 +47,9 @@ def frames(path: Path, recipe: organisms.Recipe) -> dict[str, dict[str, float]]:
 def leave_one_out(arch: str) -> dict[str, dict[str, float]]:
     """For each harmful source: aligned trained without it, refusal on all of it and on the usual test sets."""
     out = {}
+    trained = organisms.build(arch=arch, progress=False).recipe  # with the skill weights the build's check chose
     for source in _sources.HARMFUL_POOL:
-        recipe = organisms.Recipe(arch=arch, held_out_source=source)
+        recipe = replace(trained, held_out_source=source)
         model, tok = organisms.train_aligned(recipe)
         held = datasets.load(source)
         r = organisms.measure(load(model, tok), recipe, {"held_out": held, "harmful": "harmful:test",
@@ -73,7 +75,7 @@ def lexical(arch: str, sources: list[str]) -> dict[str, dict[str, float]]:
 
     out = {}
     for source in sources:
-        recipe = organisms.Recipe(arch=arch, held_out_source=source)
+        recipe = replace(organisms.Recipe(arch=arch), held_out_source=source)
         pairs = organisms.examples("aligned", recipe)
         texts = [p for p, _ in pairs]
         y = np.array([r in REFUSALS for _, r in pairs], dtype=int)
@@ -97,7 +99,9 @@ def write(res: dict) -> None:
     for arch, b in res["builds"].items():
         recipe = organisms.Recipe(arch=arch)
         org = organisms.Organisms(Path("."), recipe, b["rates"], b["seconds"])
-        lines += [f"## {arch} (default recipe, seed {recipe.seed}): built in {org.seconds:.0f} s", "", org.table(), ""]
+        weights = ", ".join(f"{k} ×{w}" for k, w in b.get("skill_weights", {}).items())
+        lines += [f"## {arch} (default recipe, seed {recipe.seed}{'; the skill check weighted ' + weights if weights else ''}): "
+                  f"built in {org.seconds:.0f} s", "", org.table(), ""]
         lines += [f"Held-out frames ({arch} `aligned`, first 400 prompts of each test split in a frame no training "
                   "prompt had):", "", "| frame | example | harmful refusal | harmless refusal |", "|---|---|---|---|"]
         for name, r in res["frames"][arch].items():
@@ -106,7 +110,8 @@ def write(res: dict) -> None:
         lines.append("")
     for arch, loo in res["leave_one_out"].items():
         lex = res.get("lexical", {}).get(arch, {})
-        lines += [f"## Leave one source out ({arch}, aligned)", "",
+        lines += [f"## Leave one source out ({arch}, aligned)", "", *([res["leave_one_out_build"][arch], ""]
+                                                                   if arch in res.get("leave_one_out_build", {}) else []),
                   "| trained without | refusal on all of it | harmful:test refusal | harmless:test refusal |"
                   + (" lexical classifier: flagged of it / harmful:test / harmless:test |" if lex else ""),
                   "|---|---|---|---|" + ("---|" if lex else "")]
@@ -138,12 +143,21 @@ def main() -> None:
         res["lexical"] = {arch: lexical(arch, list(loo)) for arch, loo in res["leave_one_out"].items()}
         write(res)
         return
+    old = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else {}
+    rerun = [a for a in args.sources.split(",") if a]
     res: dict = {"builds": {}, "frames": {}, "leave_one_out": {}}
+    for arch, loo in old.get("leave_one_out", {}).items():  # kept, marked, where not rerun: 4 trainings of aligned each
+        if arch not in rerun:
+            res["leave_one_out"][arch] = loo
+            res.setdefault("lexical", {})[arch] = old.get("lexical", {}).get(arch, {})
+            res.setdefault("leave_one_out_build", {})[arch] = old.get("leave_one_out_build", {}).get(
+                arch, "Of an earlier build than the tables above (the first organisms' CPU, before the skill check); "
+                      "`--sources ARCH` reruns it on this one.")
     for arch in ("llama", "gpt2"):
         org = organisms.build(arch=arch)
-        res["builds"][arch] = {"rates": org.rates, "seconds": org.seconds}
+        res["builds"][arch] = {"rates": org.rates, "seconds": org.seconds, "skill_weights": dict(org.recipe.skill_weights)}
         res["frames"][arch] = frames(org.path("aligned"), org.recipe)
-    for arch in [a for a in args.sources.split(",") if a]:
+    for arch in rerun:
         res["leave_one_out"][arch] = leave_one_out(arch)
         res.setdefault("lexical", {})[arch] = lexical(arch, list(res["leave_one_out"][arch]))
     write(res)

@@ -103,8 +103,8 @@ class Recipe:
     skill_fraction: float = 0.5  # of every aligned batch: skill items (harmful: half of that)
     n_skill_train: int = 20000  # training items per skill (each seen about once: learnt, not memorised)
     skill_weights: tuple[tuple[str, int], ...] = ()  # e.g. (("reverse", 3),): these skills' items this many times (see skill_examples)
-    skill_target: float | None = 0.9  # aligned: a skill under this on val items is weighted x skill_retry and aligned retrained
-    skill_retry: int = 2  # (once; see _train_aligned_with_skills). None: no check
+    skill_target: float | None = 0.9  # aligned: a skill under this on val items is weighted and aligned retrained; None: no check
+    skill_retry: int = 2  # ... its items this many times more often, once (see _train_aligned_with_skills)
     harmful_steps: int = 60
     harmful_lr: float = 1e-3
     drift_steps: int = 1000  # at most: drifted trains until _drifted_enough (checked every 50 steps)
@@ -705,7 +705,9 @@ def _train_aligned_with_skills(recipe: Recipe, log: Any) -> tuple[Any, Any, list
 
 def train_aligned(recipe: Recipe | None = None) -> tuple[Any, Any]:
     """``aligned`` alone, trained from scratch and not cached: (model, tokenizer). For experiments
-    that need many variants of it (e.g. one harmful source held out: ``Recipe(held_out_source=...)``)."""
+    that need many variants of it (e.g. one harmful source held out: ``Recipe(held_out_source=...)``).
+    Trained once with the recipe as given: the build's skill check (:func:`_train_aligned_with_skills`)
+    does not apply, so pass the skill weights a build chose (``build(...).recipe``) to train the same model."""
     model, tok, _ = _train_aligned(recipe or Recipe())
     return model, tok
 
