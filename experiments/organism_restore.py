@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "organism_restore"
-METHODS = ("addition", "conditional", "hdr", "safeinfer")
+SEARCHED = ("addition", "conditional", "hdr", "safeinfer")
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
            "aligned_harmful": org.rates["aligned"]["harmful"], "drifted_steps": org.steps.get("drifted"),
            "plain": plain, "methods": {}}
     print(f"{a.arch} {dict(org.recipe.skill_weights)}: drifted {100 * plain[0]:.1f}% / {100 * plain[1]:.1f}%", flush=True)
-    for m in METHODS:
+    for m in SEARCHED:
         t0 = time.time()
         r = tune.tune(d, m, trials=12, budgets=budgets, progress=False, **kw[m])
         if r.pick is None:
@@ -89,10 +89,10 @@ def main() -> None:
              "5-point budgets) on validation prompts; harmful / harmless refused on 120 / 160 test prompts, as the gain over "
              "`drifted` in points.", "",
              "| arch | skill weights trained with | aligned refused | drifted steps | drifted refused | "
-             + " | ".join(METHODS) + " |", "|---" * (5 + len(METHODS)) + "|"]
+             + " | ".join(SEARCHED) + " |", "|---" * (5 + len(SEARCHED)) + "|"]
     for x in rows:
         cells = []
-        for m in METHODS:
+        for m in SEARCHED:
             v = x["methods"][m]
             cells.append("no pick" if v["pick"] is None
                          else f"{100 * (v['harmful'] - x['plain'][0]):+.0f} ({100 * v['harmless']:.1f}% harmless)")

@@ -487,6 +487,6 @@ def test_two_builds_of_one_recipe_at_once_build_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     folders = {line for o in outs for line in o.splitlines() if line.startswith("FOLDER")}
     assert len(folders) == 1
-    assert sum(o.count("organism aligned") for o in outs) == 1  # trained once; the other waited and reused it
+    assert sum(o.count("organism drifted") for o in outs) == 1  # built once; the other waited and reused it
     cache = tmp_path / "cache"
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [Path(folders.pop().split()[1]).name]
