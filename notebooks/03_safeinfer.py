@@ -179,12 +179,13 @@ for mode, outs in samples.items():
 # %% [markdown]
 # **Amplification moves refusal, and guided decoding does too, alone; together they do no more than
 # amplification, and on some builds far less.** On the first organisms' build both together refused
-# about as much as amplification alone (and on the full test sets, at this setting, 0.4% plain → 60.8%
-# with both, at a cost of 13.3% of harmless prompts refused and most of the `increment` skill: the
-# hand-chosen row of `experiments/results/tune.md`); on this Xeon's build (2026-12-08) both together
-# refuse fewer harmful prompts than either alone (the table above). Amplification costs a few harmless
-# refusals. The search (`steering tune --method safeinfer`) measures both halves on the model at hand
-# and keeps guided decoding only where it helps on validation prompts.
+# about as much as amplification alone (on the full test sets, at this setting, 0.4% plain → 60.8%
+# with both, at a cost of 13.3% of harmless prompts refused and most of the `increment` skill); on
+# this Xeon's build (2026-12-08) both together refuse fewer harmful prompts than either alone (the
+# table above; on the full test sets 6.7% → 18.8%, 29 points of skill lost: the hand-chosen row of
+# `experiments/results/tune.md`). Amplification costs a few harmless refusals. The search
+# (`steering tune --method safeinfer`) measures both halves on the model at hand and keeps guided
+# decoding only where it helps on validation prompts.
 # The penalty only removes probability from tokens the unsafe model prefers; it never adds any to a
 # refusal. That works at the first token; once a refusal has started it can break it. Both measured
 # below:
