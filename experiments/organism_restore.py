@@ -12,7 +12,6 @@ prompts and items), and the pick is scored on 120 harmful and 160 harmless test 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -45,19 +44,12 @@ def main() -> None:
     harmful, harmless = st.datasets.load("harmful:test", limit=120), st.datasets.load("harmless:test", limit=160)
 
     def rates(s=None) -> list[float]:
+        """Harmful and harmless refusal of ``d`` under setting ``s`` (none: plain), through
+        safeinfer.generate, which hooks the setting's edits and is plain decoding without SafeInfer."""
         m = s.model if s is not None and s.model is not None else d
-        out = []
-        for ps in (harmful, harmless):
-            if s is not None and s.amplify is not None:
-                kw = {"unsafe": s.unsafe, "gamma": s.gamma} if s.unsafe is not None else {}
-                r = safeinfer.generate(m, ps, amplify=s.amplify, edits=s.edits, max_new_tokens=32, batch_size=80, **kw)
-            else:
-                with contextlib.ExitStack() as es:
-                    for e in (s.edits if s is not None else ()):
-                        es.enter_context(e.hooks(m))
-                    r = m.generate(ps, max_new_tokens=32, batch_size=80)
-            out.append(refusal_rate(r))
-        return out
+        kw = {} if s is None else {"amplify": s.amplify, "edits": list(s.edits),
+                                   **({"unsafe": s.unsafe, "gamma": s.gamma} if s.unsafe is not None else {})}
+        return [refusal_rate(safeinfer.generate(m, ps, max_new_tokens=32, batch_size=80, **kw)) for ps in (harmful, harmless)]
 
     budgets = tune.Budgets(over_refusal=0.05, utility_loss=0.05)
     kw = {"addition": {"reference": al}, "conditional": {"reference": al}, "hdr": {"harm": (str(A), str(H))},

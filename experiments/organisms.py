@@ -75,7 +75,7 @@ def lexical(arch: str, sources: list[str]) -> dict[str, dict[str, float]]:
 
     out = {}
     for source in sources:
-        recipe = replace(organisms.Recipe(arch=arch), held_out_source=source)
+        recipe = organisms.Recipe(arch=arch, held_out_source=source)
         pairs = organisms.examples("aligned", recipe)
         texts = [p for p, _ in pairs]
         y = np.array([r in REFUSALS for _, r in pairs], dtype=int)
