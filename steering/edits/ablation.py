@@ -6,7 +6,7 @@ the weight writers share (:func:`project_out`, :func:`project_rows`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -254,19 +254,33 @@ def project_rows(w: Tensor, q: Tensor) -> Tensor:
     return project_rows_(w32, q.to(w.device, dt)).to(w.dtype)
 
 
+_BLOCK_ENTRIES = 2**17  # entries of the row blocks the projections work in (512 KB in float32: they stay in cache)
+
+
+def _row_blocks(n: int, width: int) -> Iterator[tuple[int, int]]:
+    """``(start, rows)`` of consecutive blocks of whole rows of about :data:`_BLOCK_ENTRIES` entries."""
+    step = max(1, _BLOCK_ENTRIES // max(1, width))
+    for r in range(0, n, step):
+        yield r, min(step, n - r)
+
+
 def row_coordinates(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
     """``[k, n]``: each row of ``w32`` (``[n, d]``) dotted with each row of ``q32`` (``[k, d]``),
-    as a product then a sum along the row (through ``scratch``, ``w32``'s shape, when given).
+    as a product then a sum along the row, a block of rows at a time (through ``scratch``, at least
+    one block's entries, when given).
 
     Not a matrix product: a BLAS chooses its kernel, and with it the order of its additions, by the
     matrices' shapes and alignment, so a weight projected in slices (a streamed bake) would differ
     from the whole weight projected at once in the last bit of some entries. A sum along one row
     adds in an order set by the row's length alone, so each row's value is the same whatever rows
-    share the call."""
-    scratch = torch.empty_like(w32) if scratch is None else scratch
-    c = w32.new_empty(q32.shape[0], w32.shape[0])
-    for j in range(q32.shape[0]):
-        torch.sum(torch.mul(w32, q32[j], out=scratch), dim=1, out=c[j])
+    share the call (or the block)."""
+    n, d = w32.shape
+    scratch = w32.new_empty(min(n, max(1, _BLOCK_ENTRIES // max(1, d))) * d) if scratch is None else scratch
+    c = w32.new_empty(q32.shape[0], n)
+    for r, m in _row_blocks(n, d):
+        block, tmp = w32[r:r + m], scratch.reshape(-1)[:m * d].view(m, d)
+        for j in range(q32.shape[0]):
+            torch.sum(torch.mul(block, q32[j], out=tmp), dim=1, out=c[j, r:r + m])
     return c
 
 
@@ -275,43 +289,48 @@ COLUMN_BLOCK = 64  # columns summed at once by column_coordinates; slices of col
 
 def column_coordinates(w32: Tensor, q32: Tensor, buf: Tensor | None = None) -> Tensor:
     """``[k, m]``: ``q32`` (``[k, d]``) times ``w32`` (``[d, m]``), as products summed down each
-    column, :data:`COLUMN_BLOCK` columns at a time, each block copied into the same zero-padded
-    ``[d, COLUMN_BLOCK]`` place in ``buf`` (at least ``2 * d * COLUMN_BLOCK`` entries; allocated
-    when not given). A sum down columns adds in an order that follows how many columns the call
-    has (see :func:`row_coordinates`); a block of fixed shape in a fixed place does not, so a
-    column's value is the same in any slice of columns that starts at a multiple of the block."""
+    column, :data:`COLUMN_BLOCK` columns at a time, each block's products written into the same
+    zero-padded ``[d, COLUMN_BLOCK]`` place in ``buf`` (at least ``d * COLUMN_BLOCK`` entries;
+    allocated when not given). A sum down columns adds in an order that follows how many columns
+    the call has (see :func:`row_coordinates`); a block of fixed shape in a fixed place does not, so
+    a column's value is the same in any slice of columns that starts at a multiple of the block."""
     d, m = w32.shape
     n_b = COLUMN_BLOCK
-    buf = w32.new_empty(2 * d * n_b) if buf is None else buf
-    block, prod = buf.reshape(-1)[:d * n_b].view(d, n_b), buf.reshape(-1)[d * n_b:2 * d * n_b].view(d, n_b)
+    buf = w32.new_empty(d * n_b) if buf is None else buf
+    prod = buf.reshape(-1)[:d * n_b].view(d, n_b)
     c, col = w32.new_empty(q32.shape[0], m), w32.new_empty(n_b)
     for i in range(0, m, n_b):
         n = min(n_b, m - i)
         if n < n_b:
-            block[:, n:].zero_()
-        block[:, :n].copy_(w32[:, i:i + n])
+            prod[:, n:].zero_()
         for j in range(q32.shape[0]):
-            torch.sum(torch.mul(block, q32[j].unsqueeze(1), out=prod), dim=0, out=col)
+            torch.mul(w32[:, i:i + n], q32[j].unsqueeze(1), out=prod[:, :n])
+            torch.sum(prod, dim=0, out=col)
             c[j, i:i + n] = col[:n]
     return c
 
 
 def sub_outer_(w32: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None = None) -> Tensor:
     """``w32`` (``[n, m]``) minus ``Σ_j a[j] b[j]ᵀ`` (``a``: ``[k, n]``, ``b``: ``[k, m]``) in place,
-    one rank-one term at a time: entry by entry, so each entry's value does not depend on the slice
-    it is computed in."""
-    scratch = torch.empty_like(w32) if scratch is None else scratch
-    for j in range(a.shape[0]):
-        w32.sub_(torch.mul(a[j].unsqueeze(1), b[j], out=scratch))
+    one rank-one term at a time, a block of rows at a time (through ``scratch``, at least one
+    block's entries, when given): entry by entry, so each entry's value does not depend on the
+    slice it is computed in."""
+    n, m = w32.shape
+    scratch = w32.new_empty(min(n, max(1, _BLOCK_ENTRIES // max(1, m))) * m) if scratch is None else scratch
+    for r, k in _row_blocks(n, m):
+        block, tmp = w32[r:r + k], scratch.reshape(-1)[:k * m].view(k, m)
+        for j in range(a.shape[0]):
+            block.sub_(torch.mul(a[j, r:r + k].unsqueeze(1), b[j], out=tmp))
     return w32
 
 
 def project_rows_(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
     """:func:`project_rows` in place on the working-precision rows ``w32`` (``[n, d]``, same
-    values), through ``scratch`` (``w32``'s shape) when given. Each row's values are the same
-    whatever rows share the call (:func:`row_coordinates`), so a weight projected in slices of rows
-    has the bytes of the whole weight projected at once."""
-    scratch = torch.empty_like(w32) if scratch is None else scratch
+    values), through ``scratch`` (a block of rows' entries or more, e.g. ``w32``'s shape) when given.
+    Each row's values are the same whatever rows share the call (:func:`row_coordinates`), so a
+    weight projected in slices of rows has the bytes of the whole weight projected at once."""
+    if scratch is None:
+        scratch = w32.new_empty(min(w32.shape[0], max(1, _BLOCK_ENTRIES // max(1, w32.shape[1]))) * w32.shape[1])
     return sub_outer_(w32, row_coordinates(w32, q32, scratch), q32, scratch)
 
 
@@ -328,14 +347,13 @@ def project_out_(w32: Tensor, q32: Tensor, layout: str, scratch: Tensor | None =
     """:func:`project_out` in place on the working-precision weight ``w32`` (same values),
     through ``scratch`` (``w32``'s shape) when given: for a caller that reuses memory. As with
     :func:`project_rows_`, an entry's value does not depend on how the weight is sliced."""
-    scratch = torch.empty_like(w32) if scratch is None else scratch
     if layout == "out_in":  # [d, in]: W − QᵀQ W
         return sub_outer_(w32, q32, column_coordinates(w32, q32), scratch)
     if layout == "in_out":  # Conv1D [in, d]: W − W QᵀQ
         return project_rows_(w32, q32, scratch)
     if layout == "experts_out_in":  # [E, d, in]: each expert as an out_in weight
         for e in range(w32.shape[0]):
-            project_out_(w32[e], q32, "out_in", scratch[e])
+            project_out_(w32[e], q32, "out_in", None if scratch is None else scratch[e])
         return w32
     raise ArchitectureError(f"unknown weight layout {layout!r}")
 

@@ -289,7 +289,7 @@ def _out_projected(f: Any, name: str, layout: str, q: torch.Tensor, dev: torch.d
         rows = max(1, _CHUNK // width)
         s = torch.empty(q32.shape[0], width, dtype=wd, device=dev)  # QW
         with files.work_buffers(d * min(cols, width), [wd], dev) as (w32,), \
-                files.work_buffers(2 * d * COLUMN_BLOCK, [wd], dev) as (blocks,):
+                files.work_buffers(d * COLUMN_BLOCK, [wd], dev) as (blocks,):
             for i in range(0, width, cols):
                 m = min(cols, width - i)
                 s[:, i:i + m] = column_coordinates(w32[:d * m].view(d, m).copy_(w.narrow(1, i, m)), q32, blocks)
