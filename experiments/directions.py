@@ -113,15 +113,30 @@ def run_arch(arch: str, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"arch": arch}
     cli("extract", aligned_dir, "--out", str(work / "candidates.safetensors"))
-    # The paper's filter (KL <= 0.1 on harmless prompts) first; on the organisms no candidate passes it
-    # (see the report), so the run goes on with KL <= 0.5 and says so.
-    res["kl_threshold"] = 0.1
-    try:
-        single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--out", str(work / "ablation.safetensors"))
-    except RuntimeError:
-        res["kl_threshold"] = 0.5
-        single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", "0.5",
-                     "--out", str(work / "ablation.safetensors"))
+    # The paper's filter (KL <= 0.1 on harmless prompts) first; where no candidate passes it the run
+    # goes on with KL <= 0.5, and where none passes that either, with the direction selected in affine
+    # form (the main job's), and the report says so.
+    single = None
+    for kl in (0.1, 0.5):
+        res["kl_threshold"] = kl
+        try:
+            single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", str(kl),
+                         "--out", str(work / "ablation.safetensors"))
+            break
+        except RuntimeError as e:
+            res["plain_failed"] = (str(e).strip().splitlines()[-1].removeprefix("steering select: error: ")
+                                   .split(" (relax")[0].removeprefix("no candidate passed the filters; "))
+    if single is None:
+        for kl in (0.1, 0.5):
+            res["kl_threshold"] = kl
+            try:
+                single = cli("select", aligned_dir, str(work / "candidates.safetensors"), "--kl-threshold", str(kl),
+                             "--affine", "--out", str(work / "ablation.safetensors"))
+                break
+            except RuntimeError:
+                if kl == 0.5:
+                    raise
+        res["plain_form"] = "affine"
     res["selection_table"] = single.split("\npick:")[0].strip()
     aligned = st.load(aligned_dir)
     res["aligned"] = rates(aligned)
@@ -239,7 +254,12 @@ def report(results: list[dict]) -> str:
              "utility their mean.", ""]
     for r in results:
         a = r["arch"]
-        lines += [f"## {a}", "", f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], ""]
+        lines += [f"## {a}", ""]
+        if r.get("plain_form") == "affine":
+            lines += [f"No candidate passes the filters in the plain (directional) form, at KL ≤ 0.1 or 0.5 ({r['plain_failed']}), "
+                      "so the rows below called the selected direction's ablation use the direction selected in affine "
+                      "form (`steering select --affine`), as the main job does.", ""]
+        lines += [f"Selection (KL filter {r['kl_threshold']}):", "", r["selection_table"], ""]
         if "affine_selection_table" in r:
             lines += [f"Selection with each candidate ablated in affine form (`steering select --affine`; KL filter "
                       f"{r['affine_kl_threshold']}):", "", r["affine_selection_table"], ""]
