@@ -400,6 +400,7 @@ class TuneSpec(_Strict):
     max_over_refusal: float = 0.05
     max_utility_loss: float = 0.02
     max_kl: float | None = None
+    min_refusal_change: float = 0.05
 
     @field_validator("method")
     @classmethod
@@ -417,7 +418,7 @@ class TuneSpec(_Strict):
             raise ValueError(f"{v}: must be at least 1")
         return v
 
-    @field_validator("max_over_refusal", "max_utility_loss")
+    @field_validator("max_over_refusal", "max_utility_loss", "min_refusal_change")
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:
@@ -437,7 +438,8 @@ class TuneSpec(_Strict):
         return tune.tune(model, self.method, reference=load(resolve(self.reference)) if self.reference else None,
                          unsafe=load(resolve(self.unsafe)) if self.unsafe else None, harm=harm, on=on,
                          trials=self.trials, minutes=self.minutes, seed=self.seed, data=data,
-                         budgets=tune.Budgets(self.max_over_refusal, self.max_utility_loss, self.max_kl),
+                         budgets=tune.Budgets(self.max_over_refusal, self.max_utility_loss, self.max_kl,
+                                              self.min_refusal_change),
                          cache=out / "trials.jsonl", progress=progress)
 
 

@@ -29,10 +29,11 @@ first, the *baseline*):
   :func:`steering.lmeval.utility`) — down;
 - ``kl``: KL(unedited ‖ edited) of the next token on harmless prompts — down.
 
-**The pick rule** (:class:`Budgets`): among the trials within every budget (over-refusal rise ≤
-``over_refusal``, utility loss ≤ ``utility_loss``, KL ≤ ``kl`` when set), the one with the most
-refusal (or the least, for removal); ties go to the smaller utility loss, then over-refusal, then
-KL. When no trial is within budget there is no pick, and :attr:`Tuning.why` names the closest
+**The pick rule** (:class:`Budgets`): among the trials that move harmful refusal by at least
+``min_change`` (5 points) from the unedited model's and are within every budget (over-refusal
+rise ≤ ``over_refusal``, utility loss ≤ ``utility_loss``, KL ≤ ``kl`` when set), the one with the
+most refusal (or the least, for removal); ties go to the smaller utility loss, then over-refusal,
+then KL. When no trial is within budget there is no pick, and :attr:`Tuning.why` names the closest
 trial and the budget to relax.
 
 **The search.** Every knob takes a few values derived from the model (its layers; scales relative
@@ -87,11 +88,17 @@ HDR_SCALES, HDR_TOP_K = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0), (0.05, 0.1, 0.2, 
 class Budgets:
     """Limits of the pick rule: the largest rise of over-refusal (harmless and XSTest-safe, each,
     over the unedited model), the largest utility loss (fractions: 0.05 = 5 points) and, when
-    set, the largest KL on harmless prompts."""
+    set, the largest KL on harmless prompts; and ``min_change``, the least a pick must move
+    harmful refusal on the validation prompts (0.05 = 5 points). A trial that moves it less is
+    taken as moving nothing: on 32 prompts one prompt is 3.1 points, within the noise of the
+    sample (its standard error at 80% refusal is 7 points), and such a "pick" does nothing on
+    test prompts (gpt2's ablation on the organisms: 78.1% → 75.0% on validation, 85.4% → 87.1%
+    on test). ``min_change=0`` takes any change."""
 
     over_refusal: float = 0.05
     utility_loss: float = 0.02
     kl: float | None = None
+    min_change: float = 0.05
 
     def violations(self, obj: dict[str, float]) -> dict[str, float]:
         """How far ``obj`` is past each budget (only those it breaks)."""
@@ -454,8 +461,17 @@ def closest(trials: Sequence[Trial], budgets: Budgets, remove: bool = False, bas
     (all, if none does), the least total excess over the budgets, then the rule's own order."""
     ok = [t for t in trials if not t.skipped]
     sign = 1 if remove else -1
-    moved = [t for t in ok if baseline is None or -sign * (t.objectives["refusal"] - baseline) > 1e-9] or ok
+    moved = [t for t in ok if _moves(t, baseline, sign, budgets)] or ok
     return min(moved, key=lambda t: (sum(budgets.violations(t.objectives).values()), _rank(t, sign)), default=None)
+
+
+def _moves(t: Trial, baseline: float | None, sign: int, budgets: Budgets) -> bool:
+    """Whether ``t`` moves harmful refusal from ``baseline`` the right way by at least
+    ``budgets.min_change`` (and at all, when that is 0)."""
+    if baseline is None:
+        return True
+    change = -sign * (t.objectives["refusal"] - baseline)
+    return change > 1e-9 and change >= budgets.min_change - 1e-9
 
 
 def _rank(t: Trial, sign: int) -> tuple[float, ...]:
@@ -472,9 +488,11 @@ def pick(trials: Sequence[Trial], budgets: Budgets, remove: bool = False,
     if not ok:
         return None, "no trial ran"
     sign = 1 if remove else -1
-    moved = [t for t in ok if baseline is None or -sign * (t.objectives["refusal"] - baseline) > 1e-9]
+    moved = [t for t in ok if _moves(t, baseline, sign, budgets)]
     if not moved:
-        return None, (f"no trial moves harmful refusal from the unedited model's {100 * baseline:.1f}% "
+        assert baseline is not None
+        by = f" by {100 * budgets.min_change:g} points or more" if budgets.min_change > 0 else ""
+        return None, (f"no trial moves harmful refusal{by} from the unedited model's {100 * baseline:.1f}% "
                       "(search other knobs or more trials, or the method does nothing on this model)")
     ok = moved
     within = [t for t in ok if not budgets.violations(t.objectives)]

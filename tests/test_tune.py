@@ -76,6 +76,21 @@ def test_an_edit_that_moves_nothing_is_no_pick():
     assert tune.pick([trial(0, 0.05)], Budgets(), remove=True, baseline=0.1)[0].number == 0
 
 
+def test_a_change_within_the_noise_is_no_pick():
+    """A trial must move refusal by Budgets.min_change (5 points by default): one prompt in 32
+    (3.1 points) is taken as moving nothing, for restoring and for removing refusal alike."""
+    ts = [trial(0, 0.031), trial(1, 0.04)]
+    p, why = tune.pick(ts, Budgets(), baseline=0.0)
+    assert p is None and "no trial moves harmful refusal by 5 points or more" in why
+    assert tune.pick(ts, Budgets(min_change=0.0), baseline=0.0)[0].number == 1
+    assert tune.pick(ts + [trial(2, 0.0625)], Budgets(), baseline=0.0)[0].number == 2
+    assert tune.pick([trial(0, 0.75)], Budgets(), remove=True, baseline=0.781)[0] is None
+    assert tune.pick([trial(0, 0.70)], Budgets(), remove=True, baseline=0.781)[0].number == 0
+    # the closest trial, where none is within budget, is one that moves refusal by enough
+    ts = [trial(0, 0.031), trial(1, 0.5, util=0.2)]
+    assert tune.closest(ts, Budgets(), baseline=0.0).number == 1
+
+
 def test_budgets_report_only_what_they_break():
     b = Budgets(over_refusal=0.05, utility_loss=0.02, kl=0.1)
     assert b.violations({"over_refusal": 0.05, "utility_loss": 0.0, "kl": 0.3}) == pytest.approx({"kl": 0.2})
@@ -339,7 +354,8 @@ def test_with_no_pick_the_closest_trial_is_the_one_why_names():
 def test_recipe_tune_budgets_and_skills_are_checked_before_any_work():
     from steering.recipe import EvalRecipe
 
-    for bad, where in (({"max_utility_loss": 2}, "max_utility_loss"), ({"skills": ["spell"]}, "unknown skill 'spell'")):
+    for bad, where in (({"max_utility_loss": 2}, "max_utility_loss"), ({"min_refusal_change": -0.1}, "min_refusal_change"),
+                       ({"skills": ["spell"]}, "unknown skill 'spell'")):
         with pytest.raises(ValueError, match=where):
             EvalRecipe.model_validate({"model": "m", "out": "o", "settings": [{"name": "x", "tune": {"method": "icv", **bad}}]})
 

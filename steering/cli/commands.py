@@ -236,7 +236,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     r = tune.tune(m, args.method, reference=load(args.reference), unsafe=load(args.unsafe),
                   harm=tuple(args.harm) if args.harm else args.harm_vector, on=on, inner=inner, trials=args.trials,
                   minutes=args.minutes, seed=args.seed, data=data, checkpoint="peft" if args.adapter else args.checkpoint,
-                  budgets=tune.Budgets(args.max_over_refusal, args.max_utility_loss, args.max_kl),
+                  budgets=tune.Budgets(args.max_over_refusal, args.max_utility_loss, args.max_kl, args.min_refusal_change),
                   cache=out / "trials.jsonl", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     r.save(out)
     print(r.table())

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget: largest rise of harmless and of XSTest-safe refusal (default 0.05 = 5 points)")
     c.add_argument("--max-utility-loss", type=fraction, default=0.02, help="budget: largest utility loss (default 0.02)")
     c.add_argument("--max-kl", type=nonneg_float, help="budget: largest KL on harmless prompts (default: none)")
+    c.add_argument("--min-refusal-change", type=fraction, default=0.05,
+                   help="the least a pick must move harmful refusal on validation prompts (default 0.05 = 5 points)")
     c.add_argument("--checkpoint", action="store_true",
                    help="the pick is written as a checkpoint: only forms that bake on MODEL's family are searched")
     c.add_argument("--adapter", action="store_true",
