@@ -458,7 +458,8 @@ def pareto_front(trials: Sequence[Trial], remove: bool = False) -> list[Trial]:
 
 def closest(trials: Sequence[Trial], budgets: Budgets, remove: bool = False, baseline: float | None = None) -> Trial | None:
     """With no pick, the trial the rule comes closest to picking: among those that move refusal
-    (all, if none does), the least total excess over the budgets, then the rule's own order."""
+    by ``budgets.min_change`` (all, if none does), the least total excess over the budgets, then
+    the rule's own order."""
     ok = [t for t in trials if not t.skipped]
     sign = 1 if remove else -1
     moved = [t for t in ok if _moves(t, baseline, sign, budgets)] or ok
