@@ -58,8 +58,11 @@ def test_one_pass_hdr_writes_what_the_radix_path_writes(trio, tmp_path, monkeypa
     real, real_write = tv._hdr_one_pass, files.write_checkpoint
     monkeypatch.setattr(tv, "_hdr_one_pass", lambda *a, **k: calls.append("one pass") or real(*a, **k))
     monkeypatch.setattr(files, "write_checkpoint", lambda *a, **k: calls.append("write") or real_write(*a, **k))
+    patched, real_patch = [], tv._patch
+    monkeypatch.setattr(tv, "_patch", lambda f, name, flat, values: patched.append(len(flat)) or real_patch(f, name, flat, values))
     one = hdr(tgt, TaskVector.between(base, ft), tmp_path / "one", top_k=frac)
     assert calls == ["one pass", "write"]  # the bracket held: one write, no second
+    assert sum(patched) > 0  # some of the bracket's entries were kept, and written into the shards after the pass
     monkeypatch.setattr(tv, "_FORCE_RADIX", True)
     radix = hdr(tgt, TaskVector.between(base, ft), tmp_path / "radix", top_k=frac)
     assert tensor_bytes(one) == tensor_bytes(radix)
