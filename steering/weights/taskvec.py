@@ -796,16 +796,12 @@ def _hdr_one_pass(tgt: Checkpoint, top: "_TopK", out: str | os.PathLike, *, c: f
                 tf = scratch[:n].copy_(t)
                 bits = _bits(d, name, out=ibits)
                 keep = torch.sub(hi, bits, out=above[:n]).bitwise_right_shift_(31)  # −1 where |τ| > hi, else 0
-                if lo == hi:  # the bracket is one value (16-bit weights' differences tie often)
-                    und = bits
-                else:  # −1 where lo ≤ |τ| ≤ hi, written over the bit patterns (read again from d below)
-                    und = torch.sub(lo - 1, bits, out=bits).bitwise_right_shift_(31).sub_(keep)
                 count["above"] += _count(keep)
-                idx = _where(und, lo if lo == hi else -1)
+                idx = _in_bracket(bits, lo, hi)  # lo ≤ |τ| ≤ hi (one value where 16-bit weights' differences tie)
                 if len(idx):  # decided after the pass: its value if kept, computed as the kept ones are
                     val = d[idx].mul_(c).add_(tf[idx]).to("cpu").to(dtype)
                     files.check_edited(name, val)  # these bypass the writer's check
-                    mags = d.view(torch.int32)[idx].bitwise_and_(_SIGN_OFF).to("cpu")
+                    mags = bits[idx].to("cpu")
                     flat = (idx + at).to("cpu")
                     undecided.append((rank[name], flat.int() if at + n < 2**31 else flat, mags, val))
                     count["undecided"] += len(idx)
@@ -869,12 +865,15 @@ def _count(t: torch.Tensor) -> int:
     return int(np.count_nonzero(t.numpy())) if t.device.type == "cpu" else int(torch.count_nonzero(t))
 
 
-def _where(t: torch.Tensor, value: int) -> torch.Tensor:
-    """Flat indices (int64, ascending) where the int32 tensor ``t`` equals ``value`` (numpy's
-    on the CPU: ~6× torch's ``eq`` + ``nonzero`` on a piece of 2¹⁹ entries here)."""
+def _in_bracket(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Flat indices (int64, ascending) where ``lo ≤ t ≤ hi`` (``t``: int32 bit patterns of
+    magnitudes, ``0 ≤ lo ≤ hi``). On the CPU one subtraction and one unsigned comparison in
+    numpy: entries below ``lo`` wrap round to large unsigned values (two passes fewer than
+    building the mask from shifted differences)."""
     if t.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(t.numpy() == value))
-    return torch.eq(t, value).nonzero().squeeze(1)
+        a = t.numpy()
+        return torch.from_numpy(np.flatnonzero((a - np.int32(lo)).view(np.uint32) <= np.uint32(hi - lo)))
+    return ((t >= lo) & (t <= hi)).nonzero().squeeze(1)
 
 
 def _patch(f: Any, name: str, flat: torch.Tensor, values: torch.Tensor) -> None:
