@@ -257,11 +257,22 @@ def project_rows(w: Tensor, q: Tensor) -> Tensor:
 _BLOCK_ENTRIES = 2**17  # entries of the row blocks the projections work in (512 KB in float32: they stay in cache)
 
 
+def _block_rows(width: int) -> int:
+    """Rows of ``width`` entries in one block of about :data:`_BLOCK_ENTRIES` entries (at least one)."""
+    return max(1, _BLOCK_ENTRIES // max(1, width))
+
+
 def _row_blocks(n: int, width: int) -> Iterator[tuple[int, int]]:
-    """``(start, rows)`` of consecutive blocks of whole rows of about :data:`_BLOCK_ENTRIES` entries."""
-    step = max(1, _BLOCK_ENTRIES // max(1, width))
+    """``(start, rows)`` of consecutive blocks of whole rows (:func:`_block_rows`)."""
+    step = _block_rows(width)
     for r in range(0, n, step):
         yield r, min(step, n - r)
+
+
+def _block_scratch(w32: Tensor) -> Tensor:
+    """Scratch for one block of rows of ``w32`` (``[n, width]``): what the projections need."""
+    n, width = w32.shape
+    return w32.new_empty(min(n, _block_rows(width)) * width)
 
 
 def row_coordinates(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Tensor:
@@ -275,7 +286,7 @@ def row_coordinates(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> 
     adds in an order set by the row's length alone, so each row's value is the same whatever rows
     share the call (or the block)."""
     n, d = w32.shape
-    scratch = w32.new_empty(min(n, max(1, _BLOCK_ENTRIES // max(1, d))) * d) if scratch is None else scratch
+    scratch = _block_scratch(w32) if scratch is None else scratch
     c = w32.new_empty(q32.shape[0], n)
     for r, m in _row_blocks(n, d):
         block, tmp = w32[r:r + m], scratch.reshape(-1)[:m * d].view(m, d)
@@ -316,7 +327,7 @@ def sub_outer_(w32: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None = None)
     block's entries, when given): entry by entry, so each entry's value does not depend on the
     slice it is computed in."""
     n, m = w32.shape
-    scratch = w32.new_empty(min(n, max(1, _BLOCK_ENTRIES // max(1, m))) * m) if scratch is None else scratch
+    scratch = _block_scratch(w32) if scratch is None else scratch
     for r, k in _row_blocks(n, m):
         block, tmp = w32[r:r + k], scratch.reshape(-1)[:k * m].view(k, m)
         for j in range(a.shape[0]):
@@ -329,8 +340,7 @@ def project_rows_(w32: Tensor, q32: Tensor, scratch: Tensor | None = None) -> Te
     values), through ``scratch`` (a block of rows' entries or more, e.g. ``w32``'s shape) when given.
     Each row's values are the same whatever rows share the call (:func:`row_coordinates`), so a
     weight projected in slices of rows has the bytes of the whole weight projected at once."""
-    if scratch is None:
-        scratch = w32.new_empty(min(w32.shape[0], max(1, _BLOCK_ENTRIES // max(1, w32.shape[1]))) * w32.shape[1])
+    scratch = _block_scratch(w32) if scratch is None else scratch
     return sub_outer_(w32, row_coordinates(w32, q32, scratch), q32, scratch)
 
 
